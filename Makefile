@@ -1,0 +1,65 @@
+# teduo: two commands on a fresh machine.
+#   make repro  -> .venv with everything, then `dvc repro` on the default params (offline, CPU)
+#   make test   -> the same install, then the whole suite: export/clean sync check, nbdev_test, pytest
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch on these machines; set TORCH='torch' (or your CUDA build) elsewhere.
+TORCH ?= torch==2.13.0
+
+# Nothing downloads at run time; tools keep their state inside the checkout.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export TOKENIZERS_PARALLELISM := false
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+export JUPYTER_CONFIG_DIR := $(CURDIR)/.cache/jupyter
+export JUPYTER_DATA_DIR := $(CURDIR)/.cache/jupyter-data
+export IPYTHONDIR := $(CURDIR)/.cache/ipython
+export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
+export HF_HOME := $(CURDIR)/.cache/huggingface
+export DVC_SITE_CACHE_DIR := $(CURDIR)/.cache/dvc-site
+
+.PHONY: install data repro test sync-check nbtest pytest bench clean
+
+$(BIN)/.installed: settings.ini setup.py pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+# The input data folder (data/, tracked by data.dvc) comes from the default DVC remote.
+data: install
+	$(BIN)/dvc pull --quiet data.dvc
+
+repro: data
+	$(BIN)/dvc repro
+
+test: data sync-check nbtest pytest
+
+# The notebooks are the single source: exporting and cleaning them must not change any file.
+sync-check: install
+	@snap() { find teduo nbs -type f \( -name '*.py' -o -name '*.ipynb' \) -not -path '*/.ipynb_checkpoints/*' | sort | xargs sha1sum; }; \
+	before=$$(snap); $(BIN)/nbdev_export; $(BIN)/nbdev_clean; after=$$(snap); \
+	if [ "$$before" != "$$after" ]; then \
+	  echo "nbdev_export/nbdev_clean changed these files (export or clean the notebooks, then commit):"; \
+	  diff <(echo "$$before") <(echo "$$after") | grep '^[<>]' || true; exit 1; fi; \
+	echo "sync-check: teduo/ and nbs/ are exported and clean"
+
+nbtest: install
+	$(BIN)/nbdev_test --n_workers 2
+
+pytest: install
+	$(BIN)/pytest -q
+
+bench: install
+	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+clean:
+	rm -rf $(VENV) .cache
