@@ -23,6 +23,8 @@ export IPYTHONDIR := $(CURDIR)/.cache/ipython
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export HF_HOME := $(CURDIR)/.cache/huggingface
 export DVC_SITE_CACHE_DIR := $(CURDIR)/.cache/dvc-site
+# DVC stages call `papermill`, `python`: the venv comes first on PATH.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install data repro test sync-check nbtest pytest bench clean
 
