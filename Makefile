@@ -41,7 +41,8 @@ data: install
 	$(BIN)/dvc pull --quiet data.dvc
 
 repro: data
-	$(BIN)/dvc repro
+	@start=$$(date +%s); $(BIN)/dvc repro; echo "dvc repro: $$(( $$(date +%s) - start )) s wall time"
+	$(BIN)/python -m teduo.figures --readme README.md
 
 test: data sync-check nbtest pytest
 
