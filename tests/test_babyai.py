@@ -24,7 +24,8 @@ Objects:
 9. green door (closed) at (4,5)
 10. red key at (7,7)
 Inventory: nothing.
-Agent: at (3,7), facing east."""
+Agent: at (3,7), facing east.
+In front of the agent: wall at (4,7)."""
 
 
 def test_text_rendering_fixed_seed():
