@@ -61,3 +61,49 @@ def tiny_llama(request, tmp_path_factory)->Path:
     for f in tok_dir.iterdir():
         if f.is_file(): shutil.copy(f, out/f.name)
     return out
+
+
+@pytest.fixture(scope='session')
+def tiny_policy_llama(tiny_llama, tmp_path_factory)->Path:
+    """The tiny llama trained (all weights, seeded, a few seconds on CPU) to answer `LLMAgent` prompts about start
+    states of layouts 100-123 with an action list that depends on the goal (`POLICY_ANSWERS`): a stand-in policy LLM
+    whose greedy answers parse. The loss is computed on the answer tokens only, so training costs little."""
+    import shutil, torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    from teduo.babyai import World, Goal, reset_layout, encode_state
+    from teduo.abstract import make_abstractions
+    from teduo.agent import LLMAgent
+    from fakes import POLICY_ANSWERS
+    world = World(); env = world.make_env()
+    sel = {a['instruction']: a['selection'] for a in make_abstractions(list(POLICY_ANSWERS), 'oracle')}
+    agent = LLMAgent(None, sel, world.room_size)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    seqs = []  # (prompt ids, answer ids + end of turn)
+    for seed in range(100, 124):
+        s = encode_state(reset_layout(env, seed))
+        for g, ans in POLICY_ANSWERS.items():
+            p = tok.apply_chat_template(agent.chat(s, Goal.of(g)), tokenize=True, add_generation_prompt=True, return_dict=False)
+            seqs.append((p, tok(ans, add_special_tokens=False)['input_ids'] + [tok.eos_token_id]))
+    for p_ in [*lm.model.embed_tokens.parameters(), *lm.lm_head.parameters()]: p_.requires_grad_(False)  # layers only
+    opt = torch.optim.AdamW([p_ for p_ in lm.parameters() if p_.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    lm.train()
+    for step in range(30):
+        batch = [seqs[i] for i in torch.randperm(len(seqs), generator=g)[:8].tolist()]
+        T = max(len(p) + len(a) for p, a in batch)
+        x = torch.full((len(batch), T), tok.pad_token_id); m = torch.zeros(len(batch), T, dtype=torch.long)
+        rows, cols, tgt = [], [], []
+        for b, (p, a) in enumerate(batch):
+            x[b, :len(p) + len(a)] = torch.tensor(p + a); m[b, :len(p) + len(a)] = 1
+            rows += [b]*len(a); cols += list(range(len(p) - 1, len(p) + len(a) - 1)); tgt += a
+        h = lm.model(input_ids=x, attention_mask=m).last_hidden_state
+        loss = torch.nn.functional.cross_entropy(lm.lm_head(h[rows, cols]), torch.tensor(tgt))
+        opt.zero_grad(); loss.backward(); opt.step()
+    lm.eval()
+    out = tmp_path_factory.mktemp('tiny-policy-llama')
+    lm.save_pretrained(out)
+    for f in tiny_llama.iterdir():
+        if f.is_file() and not f.name.endswith('.safetensors') and f.name != 'config.json': shutil.copy(f, out/f.name)
+    return out

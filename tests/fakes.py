@@ -23,6 +23,11 @@ class ScriptedBackend:
     def n_prompts(self, op=None): return sum(len(cs) for o, cs in self.calls if op is None or o == op)
 
 
+# What the stand-in policy LLM (conftest `tiny_policy_llama`) is trained to answer, per goal.
+POLICY_ANSWERS = {'go to the red ball': '[2, 2, 1]', 'pick up a key': '[1, 3]', 'open a door': '[0, 2, 5]',
+                  'go to the tile (3,1)': '[2]'}
+
+
 def last_user(chat)->str: return [m['content'] for m in chat if m['role'] == 'user'][-1]
 
 
