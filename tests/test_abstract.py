@@ -112,12 +112,15 @@ def test_crop_to_agent_room_only_when_all_relevant_tiles_are_inside():
     assert (cat[4:, 4:] != HIDDEN).all() and (cat[:4, :] == HIDDEN).all() and (cat[:, :4] == HIDDEN).all()
 
 
-@pytest.mark.parametrize('agent', [(4, 2, 0), (2, 4, 1), (6, 4, 3)])
-def test_no_crop_when_the_agent_stands_in_a_doorway(agent):
+@pytest.mark.parametrize('agent,ball', [((4, 2, 0), (6, 2)), ((2, 4, 1), (2, 6)), ((6, 4, 3), (6, 6))])
+def test_no_crop_when_the_agent_stands_in_a_doorway(agent, ball):
+    """The goal object lies in the room the doorway's coordinates would point to: still no crop."""
     sel = oracle_selection('go to the red ball')
-    objs = {(2, 2): ('ball', 'red')}
-    cat, _ = grid_of(abstract_states(make_state(objs, agent=agent, doors={**DOORS, (6, 4): ('green', OPEN)})[None], sel, RS)[0])
-    assert (cat != HIDDEN).all()
+    s = make_state({ball: ('ball', 'red')}, agent=agent, doors={**DOORS, (6, 4): ('green', OPEN)})
+    cat, _ = grid_of(abstract_states(s[None], sel, RS)[0])
+    assert (cat != HIDDEN).all() and cat[ball] == GOAL_OBJECT
+    inside = make_state({ball: ('ball', 'red')}, agent=(ball[0] - 1 if ball[0] % 4 != 1 else ball[0] + 1, ball[1], 0))
+    assert (grid_of(abstract_states(inside[None], sel, RS)[0])[0] == HIDDEN).any(), 'one step into the room: cropped'
 
 
 def test_carried_object_category():

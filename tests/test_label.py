@@ -1,5 +1,7 @@
 """Step 1b, hindsight labeling: the oracle labeler against the environment's reward, the reward approximator, the
 threshold and metric helpers, the LLM-judge path with a scripted judge, and the label files (round trip, determinism)."""
+import re
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -160,17 +162,26 @@ def test_select_for_llm_is_deterministic_unique_and_balances_classes(data):
 
 # ---------------------------------------------------------------- the LLM-judge path, with a scripted judge
 
+# p(Yes), p(No) of the scripted judge per goal: on the content-free state, and on states it should say Yes / No to.
+# For 'go to a door' it leans to No so strongly that only the contextual calibration (of that goal) recovers the labels.
+JUDGE = {'go to a key': dict(cf=[.5, .5], yes=[.9, .1], no=[.1, .9]),
+         'open a door': dict(cf=[.6, .4], yes=[.9, .1], no=[.1, .9]),
+         'go to a door': dict(cf=[.1, .9], yes=[.3, .7], no=[.05, .95])}
+
+
 def _front_judge(chat, choices):
     "A perfect reader of the abstract text for 'go to' goals: Yes iff the goal object is in front."
     user = chat[-1]['content']
     assert chat[0]['content'] == JUDGE_SYSTEM and choices == ['Yes', 'No']
-    if 'State:\nN/A' in user: return np.log([0.5, 0.5])
-    return np.log([0.9, 0.1]) if 'In front of the agent: the goal object' in user else np.log([0.1, 0.9])
+    j = JUDGE[re.search(r'\nGoal: (.*)\nIs the goal achieved', user).group(1)]
+    if 'State:\nN/A' in user: return np.log(j['cf'])
+    return np.log(j['yes'] if 'In front of the agent: the goal object' in user else j['no'])
 
 
-def _llm_labels(data, goals, seed=0):
+def _llm_labels(data, goals, seed=0, calibration='contextual'):
     llm = LLM(LLMConfig('front-judge'), None, backend=ScriptedBackend(score_fn=_front_judge))
-    return hindsight_labels(data, goals, make_abstractions(goals, 'oracle'), RS, 'llm', llm, states_per_goal=40, seed=seed), llm
+    return hindsight_labels(data, goals, make_abstractions(goals, 'oracle'), RS, 'llm', llm, states_per_goal=40, seed=seed,
+                            calibration=calibration), llm
 
 
 def test_llm_labeler_path_and_audit_shapes(data):
@@ -192,6 +203,9 @@ def test_llm_labeler_path_and_audit_shapes(data):
         assert g['llm']['precision'] == 1.0 and g['llm']['recall'] == 1.0 and g['llm']['n'] == 40
         assert g['final']['n'] == 2*len(data)  # weighted by visits: every transition end counts once
         assert set(g['approximator']) == {'precision', 'recall', 'f1', 'roc_auc', 'n', 'n_true', 'n_pred'}
+    raw, _ = _llm_labels(data, goals, calibration='none')  # without calibration the door judge never says Yes
+    asked = ~np.isnan(raw[1].llm_p_yes)
+    assert raw[1].reward_oracle[asked].any() and not (raw[1].llm_p_yes[asked] >= .5).any()
     orc = audit(hindsight_labels(data, goals, make_abstractions(goals, 'oracle'), RS, 'oracle', None, 0, seed=0))
     assert set(orc['macro']) == {'final'} and orc['macro']['final']['precision'] == 1.0 and orc['llm_labeled'] == 0
 

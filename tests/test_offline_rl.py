@@ -41,20 +41,22 @@ def test_empirical_mdp_estimates_stochastic_transitions():
 
 
 def test_q_learning_matches_a_hand_solved_mdp():
-    """Chain 0 -> 1 -> 2 -> 3 (goal) with action 2, self-loops with action 0, and from 4 action 2 reaches 1 or the
-    goal with probability 1/2 each: Q(s, a) = E[r(s') + gamma (1 - r(s')) max Q(s', .)]."""
-    s  = [0, 1, 2, 0, 1, 2, 4, 4]
-    a  = [2, 2, 2, 0, 0, 0, 2, 2]
-    s2 = [1, 2, 3, 0, 1, 2, 1, 3]
+    """Chain 0 -> 1 -> 2 -> 3 (goal) with action 2, self-loops with action 0, from 4 action 2 reaches 1 or the goal
+    with probability 1/2 each, and the goal state leads back to 2 (a goal state ends the episode: nothing after it
+    counts): Q(s, a) = E[r(s') + gamma (1 - r(s')) max Q(s', .)]."""
+    s  = [0, 1, 2, 0, 1, 2, 4, 4, 3]
+    a  = [2, 2, 2, 0, 0, 0, 2, 2, 2]
+    s2 = [1, 2, 3, 0, 1, 2, 1, 3, 2]
     q, info = q_learning(empirical_mdp(s, a, s2, reward=[0, 0, 0, 1, 0]), tol=1e-13)
     exact = np.full((5, NA), np.nan)
     exact[[0, 1, 2], 2] = [G**2, G, 1.0]
     exact[[0, 1, 2], 0] = [G**3, G**2, G]
     exact[4, 2] = 0.5*(G*G) + 0.5*1.0
+    exact[3, 2] = G  # leaving the goal: no reward on arrival in 2, then 2 -> 3 is worth 1
     np.testing.assert_array_equal(np.isnan(q), np.isnan(exact))
     np.testing.assert_allclose(q, exact, atol=1e-6, rtol=0)
-    assert info['converged'] and info['pairs'] == 7 and info['max_dq'] < 1e-13
-    assert greedy_actions(q).tolist() == [2, 2, 2, -1, 2]
+    assert info['converged'] and info['pairs'] == 8 and info['max_dq'] < 1e-13
+    assert greedy_actions(q).tolist() == [2, 2, 2, 2, 2]
 
 
 @pytest.mark.parametrize('seed', range(3))
