@@ -44,7 +44,8 @@ def _smollm2_tokenizer_dir(request, tmp_path_factory)->Path:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
         tmp = tmp_path_factory.mktemp('tokenizer-build')
         tok.save_pretrained(tmp)
-        for f in sorted(tmp.iterdir()): os.replace(f, d/f.name)  # tokenizer.json last (sorted): it marks completion
+        for f in sorted(tmp.iterdir(), key=lambda f: (f.name == 'tokenizer.json', f.name)):
+            shutil.copy(f, d/f.name)  # tokenizer.json last: it marks a complete folder
     return d
 
 
@@ -52,7 +53,7 @@ def _smollm2_tokenizer_dir(request, tmp_path_factory)->Path:
 def tiny_llama(request, tmp_path_factory)->Path:
     """A tiny random llama (2 layers, width 64) with SmolLM2's tokenizer and chat template, saved as a model folder:
     `LLMConfig(model=str(path), dtype='float32')` loads it in well under a second. Seeded: the same weights every run."""
-    import shutil, torch
+    import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     tok_dir = _smollm2_tokenizer_dir(request, tmp_path_factory)
     out = tmp_path_factory.mktemp('tiny-llama')
@@ -72,7 +73,7 @@ def tiny_policy_llama(tiny_llama, tmp_path_factory)->Path:
     """The tiny llama trained (all weights, seeded, a few seconds on CPU) to answer `LLMAgent` prompts about start
     states of layouts 100-123 with an action list that depends on the goal (`POLICY_ANSWERS`): a stand-in policy LLM
     whose greedy answers parse. The loss is computed on the answer tokens only, so training costs little."""
-    import shutil, torch
+    import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
     from teduo.babyai import World, Goal, reset_layout, encode_state
     from teduo.abstract import make_abstractions
