@@ -1,0 +1,189 @@
+"""Agents: the policy prompt and answer format, strict answer parsing, the LLM agent's open/closed loop and invalid
+answers, batched vs one-at-a-time LLM agents on a tiny llama, and the tabular agent's lookup."""
+import numpy as np
+import pytest
+
+from teduo.babyai import World, Goal, ACTIONS, reset_layout, encode_state, state_text
+from teduo.abstract import make_abstractions, abstract_states, abstract_text
+from teduo.sft_data import POLICY_SYSTEM, policy_chat, format_actions, parse_actions
+from teduo.agent import NOOP, RandomAgent, TabularAgent, LLMAgent, parse_answer, in_context_chat, IN_CONTEXT_EXAMPLES
+from teduo.evaluate import make_episodes, run_episodes
+from teduo.llm import LLM, LLMConfig
+from fakes import ScriptedBackend, last_user, POLICY_ANSWERS
+
+WORLD = World()
+RS = WORLD.room_size
+
+
+def start_states(seeds):
+    env = WORLD.make_env()
+    return [encode_state(reset_layout(env, s)) for s in seeds]
+
+
+def selections(goals):
+    return {a['instruction']: a['selection'] for a in make_abstractions(goals, 'oracle')}
+
+
+# ---------------------------------------------------------------- prompt and answer format
+
+def test_policy_chat_and_action_format_round_trip():
+    c = policy_chat('go to the red ball', 'STATE TEXT')
+    assert c == [{'role': 'system', 'content': POLICY_SYSTEM},
+                 {'role': 'user', 'content': 'State:\nSTATE TEXT\nGoal: go to the red ball'}]
+    r = np.random.default_rng(0)
+    for n in (1, 2, 5, 17):
+        acts = r.integers(len(ACTIONS), size=n).tolist()
+        assert format_actions(acts) == '[' + ', '.join(map(str, acts)) + ']'
+        assert parse_actions(format_actions(acts)) == acts == parse_answer(format_actions(acts))
+    assert format_actions(np.array([2, 5])) == '[2, 5]'
+    assert parse_actions(' [2,2 , 1] then I stop') == [2, 2, 1]
+
+
+def test_parse_answer_with_chain_of_thought():
+    assert parse_answer('The ball is ahead. Answer: [2, 3]', cot=True) == [2, 3]
+    assert parse_answer('answer: [1] no wait. ANSWER: [0, 6]', cot=True) == [0, 6]  # the last answer counts
+    with pytest.raises(ValueError, match="no 'Answer:'"): parse_answer('[2, 3]', cot=True)
+    with pytest.raises(ValueError): parse_answer('Answer: go forward', cot=True)
+
+
+@pytest.mark.parametrize('bad', ['', 'move forward', '2, 2, 1', '[]', '[ ]', '[7]', '[2, 9]', '[12]', '[2, x]', '[1, 2,]',
+                                 '(2, 1)', 'Answer: [2]', '[-1]', '[2.5]'])
+def test_malformed_answers_are_refused(bad):
+    with pytest.raises(ValueError): parse_actions(bad)
+
+
+def test_in_context_prompt_holds_the_worked_examples():
+    c = in_context_chat('go to a key', 'S', cot=True)
+    assert len(c) == 1 + 2*len(IN_CONTEXT_EXAMPLES) + 1 and c[-1]['content'] == 'State:\nS\nGoal: go to a key'
+    assert all(m['content'].split('Answer: ')[-1] == format_actions(ex[3]) for m, ex in zip(c[2::2], IN_CONTEXT_EXAMPLES))
+    assert "end with 'Answer: '" in c[0]['content']
+    assert [m['content'] for m in in_context_chat('g', 'S')[2::2]] == [format_actions(ex[3]) for ex in IN_CONTEXT_EXAMPLES]
+
+
+# ---------------------------------------------------------------- the LLM agent with a scripted model
+
+def scripted_agent(answers, **kw):
+    "An LLM agent whose model answers `answers[goal]` (a string, or a list consumed one query at a time)."
+    queue = {g: list(a) if isinstance(a, list) else None for g, a in answers.items()}
+    def gen(c):
+        g = last_user(c).rsplit('Goal: ', 1)[1]
+        return queue[g].pop(0) if queue[g] is not None else answers[g]
+    be = ScriptedBackend(generate_fn=gen)
+    return LLMAgent(LLM(LLMConfig('scripted'), None, backend=be), {}, RS, **kw), be
+
+
+S = start_states(range(12))  # a new state every step (a repeated prompt would be answered from the LLM cache)
+
+
+def _steps(agent, goals, n):
+    "n steps of len(goals) episodes; (actions, invalid) per episode."
+    acts, inv = [], []
+    for t in range(n):
+        a, i = agent.act(S[t:t + len(goals)], goals, list(range(len(goals)))); acts.append(a.tolist()); inv.append(i.tolist())
+    return np.array(acts).T.tolist(), np.array(inv).T.tolist()
+
+
+def test_invalid_answers_become_counted_noops():
+    agent, be = scripted_agent({'g ok': '[2, 1]', 'g bad': 'I would go forward', 'g empty': '[]'}, replan_every=None)
+    agent.reset(3)
+    acts, inv = _steps(agent, ['g ok', 'g bad', 'g empty'], 2)
+    assert acts[0] == [2, 1] and inv[0] == [False, False]
+    assert acts[1] == [NOOP, NOOP] and inv[1] == [True, True] and acts[2] == [NOOP, NOOP] and inv[2] == [True, True]
+    assert agent.invalid_answers == 4 and agent.queries == 1 + 2*2, 'an invalid answer is re-asked next step'
+    assert NOOP == ACTIONS.index('done')
+
+
+def test_closed_loop_asks_every_step_open_loop_runs_the_plan():
+    closed, be = scripted_agent({'g': ['[2, 1, 3]', '[1, 3]', '[3]', '[4, 4]']}, replan_every=1)
+    closed.reset(1)
+    assert _steps(closed, ['g'], 4)[0] == [[2, 1, 3, 4]] and closed.queries == 4 and be.n_prompts() == 4
+    opened, be = scripted_agent({'g': ['[2, 1, 3]', '[5]', '[0, 0]']}, replan_every=None)
+    opened.reset(1)
+    assert _steps(opened, ['g'], 6)[0] == [[2, 1, 3, 5, 0, 0]] and opened.queries == 3 and be.n_prompts() == 3
+    every2, be = scripted_agent({'g': ['[2, 1, 3]', '[4, 5, 6]', '[0]']}, replan_every=2)
+    every2.reset(1)
+    assert _steps(every2, ['g'], 5)[0] == [[2, 1, 4, 5, 0]] and every2.queries == 3
+
+
+def test_agent_tracks_each_episode_separately():
+    agent, be = scripted_agent({'a': ['[1, 1]', '[3]'], 'b': ['[2]', '[4]', '[5]']}, replan_every=None)
+    agent.reset(2)
+    a1, _ = agent.act(S[0:2], ['a', 'b'], [0, 1])
+    a2, _ = agent.act(S[2:4], ['a', 'b'], [0, 1])   # 'a' still has a queued action: only 'b' asks again
+    a3, _ = agent.act(S[4:5], ['b'], [1])           # episode 0 has ended: only episode 1 runs
+    assert a1.tolist() == [1, 2] and a2.tolist() == [1, 4] and a3.tolist() == [5] and agent.queries == 4
+
+
+def test_agent_prompt_shows_the_abstract_state_when_the_goal_is_known():
+    s = start_states([3])[0]
+    sel = selections(['go to a key'])
+    agent = LLMAgent(None, sel, RS)
+    known = agent.chat(s, Goal('find a key', 'go to a key'))
+    assert known == policy_chat('find a key', abstract_text(abstract_states(s[None], sel['go to a key'], RS)[0], RS))
+    assert agent.chat(s, Goal.of('pick up a ball'))[1]['content'] == f"State:\n{state_text(s)}\nGoal: pick up a ball"
+    ic = LLMAgent(None, sel, RS, prompt='in_context', cot=True).chat(s, Goal.of('go to a key'))
+    assert ic[0]['content'].startswith(POLICY_SYSTEM) and len(ic) == 2 + 2*len(IN_CONTEXT_EXAMPLES)
+    with pytest.raises(ValueError, match='expected teduo or in_context'): LLMAgent(None, sel, RS, prompt='react')
+
+
+# ---------------------------------------------------------------- batching on a tiny llama
+
+GOALS16 = list(POLICY_ANSWERS) * 4
+
+
+def test_batched_and_unbatched_llm_agents_pick_identical_actions(tiny_policy_llama):
+    states, sel = start_states(range(16)), selections(list(POLICY_ANSWERS))
+    mk = lambda bs: LLMAgent(LLM(LLMConfig(str(tiny_policy_llama), dtype='float32', batch_size=bs)), sel, RS,
+                             replan_every=None, max_new_tokens=16)
+    batched = mk(16); batched.reset(16)
+    a, inv = batched.act(states, GOALS16, list(range(16)))
+    one = mk(1); one.reset(16)
+    singles = [one.act([states[e]], [GOALS16[e]], [e]) for e in range(16)]
+    assert a.tolist() == [int(x[0][0]) for x in singles] and inv.tolist() == [bool(x[1][0]) for x in singles]
+    assert (~inv).sum() >= 8, 'the stand-in policy must mostly answer valid action lists'
+    assert len(set(a[~inv].tolist())) >= 2
+    assert batched.llm.stats['calls'] == one.llm.stats['calls'] == 16 and batched.queries == one.queries == 16
+
+
+def test_batched_rollouts_equal_one_episode_at_a_time(tiny_policy_llama):
+    specs, skipped = make_episodes(WORLD, 'q', list(POLICY_ANSWERS), list(range(8)), 2, seed=0)
+    assert len(specs) >= 6 and not skipped
+    sel = selections(list(POLICY_ANSWERS))
+    mk = lambda bs: LLMAgent(LLM(LLMConfig(str(tiny_policy_llama), dtype='float32', batch_size=bs)), sel, RS,
+                             replan_every=None, max_new_tokens=16)
+    log, traj = run_episodes(mk(16), specs, WORLD, max_steps=6, keep_states=len(specs), progress=False)
+    single = mk(1)
+    for i, sp in enumerate(specs):
+        l1, t1 = run_episodes(single, [sp], WORLD, max_steps=6, keep_states=1, progress=False)
+        assert l1.iloc[0][['success', 'steps', 'invalid_actions']].tolist() == log.iloc[i][['success', 'steps', 'invalid_actions']].tolist()
+        assert len(t1[0]) == len(traj[i]) and all((x == y).all() for x, y in zip(t1[0], traj[i]))
+    assert log.invalid_actions.sum() < log.steps.sum()
+
+
+# ---------------------------------------------------------------- tabular and random agents
+
+def test_tabular_agent_looks_up_greedy_actions():
+    g = 'go to the red ball'
+    sel = selections([g])
+    s = start_states([0, 1, 2])
+    A = abstract_states(np.stack(s[:2]), sel[g], RS)  # the agent knows two abstract states
+    q = np.full((2, len(ACTIONS)), np.nan); q[0, [1, 2]] = [0.1, 0.5]; q[1, 5] = 0.2
+    agent = TabularAgent([q], [A], [g], sel, RS, seed=0, name='tab')
+    agent.reset(3)
+    acts, inv = agent.act(s[:2], [g, g], [0, 1])
+    assert acts.tolist() == [2, 5] and not inv.any() and agent.unknown == 0 and agent.name == 'tab'
+    acts, _ = agent.act([s[2]], [Goal('reach the red ball', g)], [2])  # an unseen abstract state: a random action, counted
+    assert 0 <= acts[0] < len(ACTIONS) and agent.unknown == 1
+    assert agent.knows(g) and not agent.knows('pick up a key')
+    with pytest.raises(KeyError, match='unknown goal'): agent.act([s[0]], ['pick up a key'], [0])
+    q2 = np.full((2, len(ACTIONS)), np.nan)  # a known state without any observed action: random, counted
+    agent = TabularAgent([q2], [A], [g], sel, RS); agent.reset(1); agent.act([s[0]], [g], [0])
+    assert agent.unknown == 1
+
+
+def test_random_agent_is_seeded():
+    s = start_states([0])*5
+    a, b, c = RandomAgent(0), RandomAgent(0), RandomAgent(1)
+    for x in (a, b, c): x.reset(5)
+    ra, rb, rc = (x.act(s, ['g']*5, list(range(5)))[0] for x in (a, b, c))
+    assert ra.tolist() == rb.tolist() and ra.tolist() != rc.tolist() and ((ra >= 0) & (ra < len(ACTIONS))).all()

@@ -1,0 +1,131 @@
+"""Step 3, fine-tuning: the loss covers only the answer (our tokenization and the labels TRL actually builds), and a
+tiny llama LoRA-tuned with `finetune_lora` on a toy set lowers its loss and reproduces the memorised answers."""
+import json
+
+import numpy as np
+import pytest
+
+from teduo.core import write_jsonl, read_json
+from teduo.finetune import finetune_lora, completion_mask_of, file_hash, FINETUNE_KEYS
+from teduo.llm import LLM, LLMConfig, load_hf, model_fingerprint
+
+ROWS = [{'prompt': [{'role': 'system', 'content': 'Answer with actions.'}, {'role': 'user', 'content': f'Goal: {g}'}],
+         'completion': [{'role': 'assistant', 'content': a}]}
+        for g, a in [('go to the red ball', '[2, 2, 1]'), ('pick up the green key', '[1, 3]'),
+                     ('open the blue door', '[0, 2, 5]'), ('go to the tile (3,1)', '[2]')]]
+CFG = dict(lora_r=16, lora_alpha=32, lora_dropout=0.0, target_modules='all-linear', lr=1e-2, batch_size=4, grad_accum=1,
+           epochs=1, max_steps=20, max_length=128, eval_steps=10, logging_steps=5, bf16=False, warmup_steps=0)
+
+
+@pytest.fixture(scope='module')
+def tok(tiny_llama):
+    t, _ = load_hf(str(tiny_llama), 'float32')
+    return t
+
+
+def _suffix(tok, row):
+    "What the chat template adds for the answer: the rendered full chat minus the rendered prompt."
+    full = tok.apply_chat_template(row['prompt'] + row['completion'], tokenize=False)
+    prompt = tok.apply_chat_template(row['prompt'], tokenize=False, add_generation_prompt=True)
+    assert full.startswith(prompt)
+    return full[len(prompt):]
+
+
+def test_completion_mask_covers_only_the_answer_and_end_of_turn(tok):
+    for row in ROWS:
+        ids, mask = completion_mask_of(row, tok)
+        assert len(ids) == len(mask) and set(mask) == {0, 1}
+        k = mask.index(1)
+        assert all(mask[k:]) and not any(mask[:k]), 'one contiguous answer span at the end'
+        answer = row['completion'][0]['content']
+        assert tok.decode([i for i, m in zip(ids, mask) if m]) == answer + '<|im_end|>\n' == _suffix(tok, row)
+        assert tok.decode(ids[:k]).endswith('<|im_start|>assistant\n')
+    ids, mask = completion_mask_of(ROWS[0], tok, max_length=10)
+    assert len(ids) == len(mask) == 10 and not any(mask)
+
+
+def test_trl_labels_are_masked_outside_the_answer(tiny_llama, tok, tmp_path):
+    """The labels SFTTrainer's collator really builds: -100 on the prompt and padding, the token ids on the answer and
+    the template's end of turn, identical to `completion_mask_of`."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+    tok.padding_side = 'right'
+    lm = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    args = SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, use_cpu=True, report_to=[], max_length=128)
+    tr = SFTTrainer(model=lm, args=args, train_dataset=datasets.Dataset.from_list(ROWS[:2]), processing_class=tok)
+    batch = tr.data_collator([tr.train_dataset[i] for i in range(2)])
+    for i, row in enumerate(ROWS[:2]):
+        ids, mask = completion_mask_of(row, tok)
+        x, lab, att = (batch[k][i].tolist() for k in ('input_ids', 'labels', 'attention_mask'))
+        n = sum(att)
+        assert x[:n] == ids and all(a == 0 for a in att[n:])
+        assert lab[:n] == [t if m else -100 for t, m in zip(ids, mask)] and all(l == -100 for l in lab[n:])
+        assert tok.decode([t for t in lab if t != -100]) == _suffix(tok, row)
+
+
+@pytest.fixture(scope='module')
+def tuned(tiny_llama, tmp_path_factory):
+    d = tmp_path_factory.mktemp('finetune')
+    write_jsonl(ROWS * 4, d/'train.jsonl'); write_jsonl(ROWS, d/'validation.jsonl')
+    summary = finetune_lora(d/'train.jsonl', d/'validation.jsonl', LLMConfig(str(tiny_llama), dtype='float32'), CFG,
+                            d/'adapter', d/'curves.json', seed=0)
+    return d, summary
+
+
+def test_finetune_lowers_the_loss(tuned, tiny_llama):
+    d, s = tuned
+    curves = read_json(d/'curves.json')
+    val = curves['validation']
+    assert val[0]['step'] == 0 and val[0]['loss'] == pytest.approx(s['initial_validation_loss'])
+    assert s['best_validation_loss'] == min(v['loss'] for v in val) < 0.5*s['initial_validation_loss']
+    tr = [c['loss'] for c in curves['train']]
+    assert len(tr) == CFG['max_steps'] // CFG['logging_steps'] and tr[-1] < tr[0]
+    assert s['steps'] == CFG['max_steps'] and s['train_examples'] == 16 and s['validation_examples'] == 4
+    assert s['data_sha256'] == file_hash(d/'train.jsonl', d/'validation.jsonl')
+    assert s['base_fingerprint'] == model_fingerprint(LLMConfig(str(tiny_llama), dtype='float32'))
+    meta = read_json(d/'adapter'/'teduo_meta.json')
+    assert 'train_runtime_s' not in meta and meta['best_validation_loss'] == s['best_validation_loss']
+    assert meta['params'] == {k: CFG[k] for k in FINETUNE_KEYS}
+    assert (d/'adapter'/'adapter_config.json').exists() and (d/'adapter'/'adapter_model.safetensors').exists()
+    assert not list(d.glob('.adapter.tmp*')), 'the adapter folder is written atomically'
+
+
+def test_tuned_adapter_reproduces_the_memorised_answers(tuned, tiny_llama):
+    d, _ = tuned
+    prompts, answers = [r['prompt'] for r in ROWS], [r['completion'][0]['content'] for r in ROWS]
+    tuned_llm = LLM(LLMConfig(str(tiny_llama), dtype='float32', adapter=str(d/'adapter')))
+    assert tuned_llm.generate(prompts, max_new_tokens=12) == answers
+    base = LLM(LLMConfig(str(tiny_llama), dtype='float32'))
+    assert base.generate(prompts, max_new_tokens=12) != answers
+    assert tuned_llm.fingerprint != base.fingerprint, 'cached answers of the base model must not serve the adapter'
+
+
+def test_finetune_refuses_bad_config_and_empty_data(tiny_llama, tmp_path):
+    write_jsonl(ROWS, tmp_path/'train.jsonl')
+    with pytest.raises(ValueError, match='unknown keys'):
+        finetune_lora(tmp_path/'train.jsonl', None, LLMConfig(str(tiny_llama)), {**CFG, 'learning_rate': 1e-3}, tmp_path/'a')
+    with pytest.raises(ValueError, match='missing keys'):
+        finetune_lora(tmp_path/'train.jsonl', None, LLMConfig(str(tiny_llama)), {k: v for k, v in CFG.items() if k != 'lr'}, tmp_path/'a')
+    assert not (tmp_path/'a').exists()
+
+
+@pytest.mark.xfail(strict=True, reason="finetune_lora: an empty train.jsonl (what sft_data writes when step 2 finds no "
+                   "plan) crashes inside datasets.load_dataset with a bare StopIteration (empty message) before the "
+                   "intended 'no training examples (did step 2 produce any plans?)' check is reached")
+def test_finetune_empty_training_file_is_a_clear_error(tiny_llama, tmp_path):
+    write_jsonl([], tmp_path/'train.jsonl')
+    with pytest.raises(ValueError, match='no training examples'):
+        finetune_lora(tmp_path/'train.jsonl', None, LLMConfig(str(tiny_llama)), CFG, tmp_path/'a')
+
+
+@pytest.mark.xfail(strict=True, reason="finetune_lora: an empty validation.jsonl (sft_data writes one whenever "
+                   "round(validation * n_examples) == 0, e.g. sft_data.validation: 0) raises datasets' ValueError "
+                   "'Instruction \"validation\" corresponds to no data!' instead of training without validation "
+                   "(the has_val branch)")
+def test_finetune_trains_without_validation_when_the_file_is_empty(tiny_llama, tmp_path):
+    write_jsonl(ROWS, tmp_path/'train.jsonl'); write_jsonl([], tmp_path/'validation.jsonl')
+    s = finetune_lora(tmp_path/'train.jsonl', tmp_path/'validation.jsonl', LLMConfig(str(tiny_llama), dtype='float32'),
+                      {**CFG, 'max_steps': 1}, tmp_path/'a')
+    assert s['validation_examples'] == 0 and s['steps'] == 1 and s['best_validation_loss'] is None
+    assert (tmp_path/'a'/'adapter_config.json').exists()
