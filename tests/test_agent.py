@@ -117,9 +117,12 @@ def test_agent_tracks_each_episode_separately():
 def test_agent_prompt_shows_the_abstract_state_when_the_goal_is_known():
     s = start_states([3])[0]
     sel = selections(['go to a key'])
+    sel['find a key'] = sel['go to a key']  # selections are looked up by the goal text the agent sees
     agent = LLMAgent(None, sel, RS)
     known = agent.chat(s, Goal('find a key', 'go to a key'))
     assert known == policy_chat('find a key', abstract_text(abstract_states(s[None], sel['go to a key'], RS)[0], RS))
+    unseen = agent.chat(s, Goal('locate a key', 'go to a key'))  # the instruction alone never leaks to the policy
+    assert unseen[1]['content'] == f"State:\n{state_text(s)}\nGoal: locate a key"
     assert agent.chat(s, Goal.of('pick up a ball'))[1]['content'] == f"State:\n{state_text(s)}\nGoal: pick up a ball"
     ic = LLMAgent(None, sel, RS, prompt='in_context', cot=True).chat(s, Goal.of('go to a key'))
     assert ic[0]['content'].startswith(POLICY_SYSTEM) and len(ic) == 2 + 2*len(IN_CONTEXT_EXAMPLES)
@@ -172,10 +175,12 @@ def test_tabular_agent_looks_up_greedy_actions():
     agent.reset(3)
     acts, inv = agent.act(s[:2], [g, g], [0, 1])
     assert acts.tolist() == [2, 5] and not inv.any() and agent.unknown == 0 and agent.name == 'tab'
-    acts, _ = agent.act([s[2]], [Goal('reach the red ball', g)], [2])  # an unseen abstract state: a random action, counted
+    acts, _ = agent.act([s[2]], [g], [2])  # an unseen abstract state: a random action, counted
     assert 0 <= acts[0] < len(ACTIONS) and agent.unknown == 1
     assert agent.knows(g) and not agent.knows('pick up a key')
     with pytest.raises(KeyError, match='unknown goal'): agent.act([s[0]], ['pick up a key'], [0])
+    with pytest.raises(KeyError, match='unknown goal'):  # looked up by the text it sees: a rewording is unknown
+        agent.act([s[0]], [Goal('reach the red ball', g)], [0])
     q2 = np.full((2, len(ACTIONS)), np.nan)  # a known state without any observed action: random, counted
     agent = TabularAgent([q2], [A], [g], sel, RS); agent.reset(1); agent.act([s[0]], [g], [0])
     assert agent.unknown == 1

@@ -110,19 +110,12 @@ def test_finetune_refuses_bad_config_and_empty_data(tiny_llama, tmp_path):
     assert not (tmp_path/'a').exists()
 
 
-@pytest.mark.xfail(strict=True, reason="finetune_lora: an empty train.jsonl (what sft_data writes when step 2 finds no "
-                   "plan) crashes inside datasets.load_dataset with a bare StopIteration (empty message) before the "
-                   "intended 'no training examples (did step 2 produce any plans?)' check is reached")
 def test_finetune_empty_training_file_is_a_clear_error(tiny_llama, tmp_path):
     write_jsonl([], tmp_path/'train.jsonl')
     with pytest.raises(ValueError, match='no training examples'):
         finetune_lora(tmp_path/'train.jsonl', None, LLMConfig(str(tiny_llama)), CFG, tmp_path/'a')
 
 
-@pytest.mark.xfail(strict=True, reason="finetune_lora: an empty validation.jsonl (sft_data writes one whenever "
-                   "round(validation * n_examples) == 0, e.g. sft_data.validation: 0) raises datasets' ValueError "
-                   "'Instruction \"validation\" corresponds to no data!' instead of training without validation "
-                   "(the has_val branch)")
 def test_finetune_trains_without_validation_when_the_file_is_empty(tiny_llama, tmp_path):
     write_jsonl(ROWS, tmp_path/'train.jsonl'); write_jsonl([], tmp_path/'validation.jsonl')
     s = finetune_lora(tmp_path/'train.jsonl', tmp_path/'validation.jsonl', LLMConfig(str(tiny_llama), dtype='float32'),

@@ -102,8 +102,6 @@ def test_openai_malformed_responses_are_clear_errors(server):
     with pytest.raises(ValueError, match='without logprobs'): openai_llm(server).score([chat('z')], ['Yes', 'No'])
 
 
-@pytest.mark.xfail(strict=True, reason="OpenAIBackend._post: a 200 answer whose body is not JSON escapes as a bare "
-                   "json.JSONDecodeError ('Expecting value: line 1 column 1 (char 0)') naming neither the URL nor the problem")
 def test_openai_non_json_body_names_the_server(server):
     server.script = [(200, b'<html>proxy error</html>')]
     with pytest.raises(ValueError, match='127.0.0.1'):

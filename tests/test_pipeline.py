@@ -94,10 +94,7 @@ def test_stage_deps_exist(name):
         assert (ROOT/d).exists(), d
 
 
-OUT_XFAIL = {'prepare_model': "dvc.yaml stage prepare_model declares the literal metric path "
-                              "'metrics/timing/prepare_model.json' (hard-coded in nbs/02b_llm.ipynb's stage cell: "
-                              "StageTimer('prepare_model', 'metrics/timing/prepare_model.json')) instead of a path from "
-                              "params (prepare_model.timing, as every other stage)"}
+OUT_XFAIL = {}  # stage: why an output path is not param-named (none now)
 
 
 @pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=OUT_XFAIL[n])) if n in OUT_XFAIL
@@ -128,16 +125,7 @@ def _code_closure(nb:Path)->set:
     return {f'teduo/{m}.py' for m in seen}
 
 
-CODE_XFAIL = {  # stage: modules its notebook runs that dvc.yaml does not list under deps
-    'prepare_model': ['teduo/core.py'],
-    'abstract': ['teduo/collect.py'],
-    'label': ['teduo/collect.py'],
-    'offline_rl': ['teduo/abstract.py', 'teduo/babyai.py', 'teduo/collect.py', 'teduo/llm.py'],
-    'sft_data': ['teduo/collect.py', 'teduo/llm.py'],
-    'baselines': ['teduo/abstract.py', 'teduo/babyai.py', 'teduo/collect.py', 'teduo/label.py', 'teduo/llm.py',
-                  'teduo/offline_rl.py', 'teduo/sft_data.py'],
-    'evaluate': ['teduo/collect.py', 'teduo/label.py', 'teduo/sft_data.py'],
-}
+CODE_XFAIL = {}  # stage: modules its notebook runs that dvc.yaml does not list under deps (none now)
 
 
 @pytest.mark.parametrize('name', [pytest.param(n, marks=pytest.mark.xfail(
@@ -158,13 +146,9 @@ def test_every_parametrised_step_notebook_has_a_stage():
         cells = json.loads(nb.read_text())['cells']
         if any('parameters' in c.get('metadata', {}).get('tags', []) for c in cells):
             rel = str(nb.relative_to(ROOT))
-            if rel == 'nbs/10_figures.ipynb': continue  # see the xfail below
             assert rel in run, f'{rel} has a parameters cell but no dvc.yaml stage runs it'
 
 
-@pytest.mark.xfail(strict=True, reason="nbs/10_figures.ipynb's parameters cell says 'the `figures` DVC stage injects "
-                   "the real values', but dvc.yaml has no figures stage and params.yaml no figures section: the paper's "
-                   "tables/figures are not produced by `dvc repro`")
 def test_figures_notebook_has_a_stage_and_params():
     assert 'figures' in PARAMS
     st = [s for s in STAGES.values() if notebook_of(s)[0] == 'nbs/10_figures.ipynb']
