@@ -110,19 +110,25 @@ def test_stage_outputs_come_from_params_or_reports(name):
             assert m.group(1).split('.')[0] in declared, f'{name}: writes {p} but does not declare that param'
 
 
-def _module_imports(src:str)->set:
-    return set(re.findall(r'^\s*from\s+(?:\.|teduo\.)(\w+)\s+import', src, re.M)) | set(re.findall(r'^\s*import\s+teduo\.(\w+)', src, re.M))
+def _module_imports(src:str, pkg:str='teduo')->set:
+    "Module paths (teduo/x.py, teduo/webshop/y.py) imported by `src`, which lives in package `pkg`."
+    out = set()
+    for m in re.findall(r'^\s*from\s+([.\w]+)\s+import', src, re.M) + re.findall(r'^\s*import\s+(teduo[.\w]*)', src, re.M):
+        if m.startswith('.'): m = pkg + '.' + m.lstrip('.')
+        if m.startswith('teduo.'): out.add(m.replace('.', '/') + '.py')
+    return out
 
 
 def _code_closure(nb:Path)->set:
     "teduo modules a notebook runs: its own, those its cells import, and what they import (also inside functions)."
     src = '\n'.join(''.join(c['source']) for c in json.loads(nb.read_text())['cells'] if c['cell_type'] == 'code')
-    todo = _module_imports(src) | set(re.findall(r'#\|\s*default_exp\s+(\w+)', src)); seen = set()
+    todo = _module_imports(src) | {f"teduo/{m.replace('.', '/')}.py" for m in re.findall(r'#\|\s*default_exp\s+([.\w]+)', src)}
+    seen = set()
     while todo:
         m = todo.pop()
-        if m in seen or not (ROOT/'teduo'/f'{m}.py').exists(): continue
-        seen.add(m); todo |= _module_imports((ROOT/'teduo'/f'{m}.py').read_text())
-    return {f'teduo/{m}.py' for m in seen}
+        if m in seen or not (ROOT/m).exists(): continue
+        seen.add(m); todo |= _module_imports((ROOT/m).read_text(), str(Path(m).parent).replace('/', '.'))
+    return seen
 
 
 CODE_XFAIL = {}  # stage: modules its notebook runs that dvc.yaml does not list under deps (none now)
