@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from teduo.core import write_jsonl, read_json
-from teduo.finetune import finetune_lora, completion_mask_of, file_hash, FINETUNE_KEYS
+from teduo.finetune import finetune_lora, completion_mask_of, file_hash, FINETUNE_KEYS, answer_loss, answer_loss_trainer
 from teduo.llm import LLM, LLMConfig, load_hf, model_fingerprint
 
 ROWS = [{'prompt': [{'role': 'system', 'content': 'Answer with actions.'}, {'role': 'user', 'content': f'Goal: {g}'}],
@@ -62,6 +62,28 @@ def test_trl_labels_are_masked_outside_the_answer(tiny_llama, tok, tmp_path):
         assert x[:n] == ids and all(a == 0 for a in att[n:])
         assert lab[:n] == [t if m else -100 for t, m in zip(ids, mask)] and all(l == -100 for l in lab[n:])
         assert tok.decode([t for t in lab if t != -100]) == _suffix(tok, row)
+
+
+def test_answer_loss_equals_trls_loss_and_gradient(tiny_llama, tok, tmp_path):
+    """Our loss (logits of the answer positions only) is TRL's token-summed NLL of the fused LM head: same value and
+    same gradients on a collated batch, with and without `num_items_in_batch`."""
+    import datasets, torch
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+    tok.padding_side = 'right'
+    args = SFTConfig(output_dir=str(tmp_path), completion_only_loss=True, use_cpu=True, report_to=[], max_length=128)
+    def grads_and_loss(cls, n):
+        torch.manual_seed(0)
+        lm = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+        tr = cls(model=lm, args=args, train_dataset=datasets.Dataset.from_list(ROWS[:3]), processing_class=tok)
+        batch = tr.data_collator([tr.train_dataset[i] for i in range(3)])
+        tr.model.train(); loss = tr.compute_loss(tr.model, dict(batch), num_items_in_batch=n); loss.backward()
+        return float(loss.detach()), {k: p.grad.clone() for k, p in tr.model.named_parameters() if p.grad is not None}
+    for n in (None, torch.tensor(40)):
+        ref, g_ref = grads_and_loss(SFTTrainer, n)
+        ours, g = grads_and_loss(answer_loss_trainer(), n)
+        assert ours == pytest.approx(ref, rel=1e-5) and set(g) == set(g_ref)
+        assert all(torch.allclose(g[k], g_ref[k], rtol=1e-4, atol=1e-6) for k in g)
 
 
 @pytest.fixture(scope='module')
