@@ -153,6 +153,17 @@ def test_abstract_text_contents():
     assert 'In front of the agent: wall at (1,0).' in abstract_text(a, RS)
 
 
+def test_open_door_goal_shows_its_state():
+    "An open goal door reads 'open' (its state code 0 is also every ball's): the judge must see that it is open."
+    doors = {k: (c, 0) for k, (c, _) in DOORS.items()}  # every door open
+    sel = oracle_selection('go to a door')
+    txt = abstract_text(abstract_states(make_state({}, agent=(3, 2, 0), doors=doors)[None], sel, RS)[0], RS)
+    assert 'Goal object: (4,2) open, (2,4) open, (6,4) open, (4,6) open.' in txt and 'In front of the agent: the goal object (open) at (4,2).' in txt
+    txt = abstract_text(abstract_states(make_state({(2, 1): ('ball', 'red')}, agent=(1, 1, 0), doors=doors)[None],
+                                        oracle_selection('go to the red ball'), RS)[0], RS)
+    assert 'Goal object: (2,1).' in txt and 'In front of the agent: the goal object at (2,1).' in txt
+
+
 # ---------------------------------------------------------------- selections
 
 @pytest.mark.parametrize('answer', [
