@@ -167,3 +167,20 @@ def test_params_name_a_model_for_every_llm_role(role):
     assert isinstance(cfg.get('model'), str) and cfg['model']
     c = LLMConfig.from_params(cfg, f'params.yaml:base.llm.{role}')
     assert c.model == cfg['model']
+
+
+def _resolve(p:str)->str:
+    m = VAR.fullmatch(p)
+    return str(lookup(m.group(1))) if m else p
+
+
+@pytest.mark.parametrize('name', sorted(STAGES))
+def test_dvc_cached_outputs_are_not_tracked_by_git(name):
+    "`dvc repro` refuses to write an output git tracks ('already tracked by SCM'): only cache: false ones may be."
+    st, git = STAGES[name], tracked()
+    for e in (st.get('outs') or []) + (st.get('metrics') or []) + (st.get('plots') or []):
+        p, opts = (e, {}) if isinstance(e, str) else next(iter(e.items()))
+        if (opts or {}).get('cache', True) is False: continue
+        p = _resolve(p).rstrip('/')
+        hit = sorted(t for t in git if t == p or t.startswith(p + '/'))
+        assert not hit, f'{name}: DVC output {p} is tracked by git ({hit[:3]}): git rm --cached it and ignore it'
