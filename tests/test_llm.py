@@ -366,3 +366,24 @@ def test_generate_batched_equals_unbatched_and_uncached_greedy(tiny_llama, tiny)
     assert batched.stats['completion_tokens'] == one.stats['completion_tokens'] > 0
     mixed = [chat(q) for q in QUESTIONS]  # no shared prefix worth caching
     assert tiny_llm(tiny_llama, batch_size=8).generate(mixed, 6) == tiny_llm(tiny_llama, batch_size=1).generate(mixed, 6)
+
+
+def test_reserved_kv_cache_decodes_in_place_with_the_same_numbers(tiny):
+    """reserve_kv: decoding writes into pre-allocated room (no copy of the cache per step), logits unchanged; a step
+    past the room falls back to concatenation."""
+    import torch
+    from teduo.llm import reserve_kv
+    tok, lm = tiny
+    x = torch.tensor([tok(render(tok, chat(q, SYSTEM)), add_special_tokens=False)['input_ids'][:20] for q in QUESTIONS[:3]])
+    steps = torch.tensor([[5], [7], [9]])
+    with torch.no_grad():
+        plain, res = lm(input_ids=x, use_cache=True).past_key_values, reserve_kv(lm(input_ids=x, use_cache=True).past_key_values, 2)
+        ptr = res.layers[0].keys.data_ptr()
+        for t in range(3):  # the third step has no room left
+            pos = torch.full((3, 1), 20 + t)
+            a = lm(input_ids=steps + t, position_ids=pos, past_key_values=plain, use_cache=True).logits
+            b = lm(input_ids=steps + t, position_ids=pos, past_key_values=res, use_cache=True).logits
+            assert torch.equal(a, b)
+            assert res.get_seq_length() == plain.get_seq_length() == 21 + t
+            assert (res.layers[0].keys.data_ptr() == ptr) == (t < 2)  # in place while there is room, then a new tensor
+    assert all(torch.equal(p.keys, r.keys) and torch.equal(p.values, r.values) for p, r in zip(plain.layers, res.layers))
