@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from teduo.core import write_jsonl, read_json
-from teduo.finetune import finetune_lora, completion_mask_of, file_hash, FINETUNE_KEYS, answer_loss, answer_loss_trainer
+from teduo.finetune import finetune_lora, completion_mask_of, file_hash, FINETUNE_KEYS, answer_loss, answer_loss_trainer, sort_adapter_config
 from teduo.llm import LLM, LLMConfig, load_hf, model_fingerprint
 
 ROWS = [{'prompt': [{'role': 'system', 'content': 'Answer with actions.'}, {'role': 'user', 'content': f'Goal: {g}'}],
@@ -144,3 +144,13 @@ def test_finetune_trains_without_validation_when_the_file_is_empty(tiny_llama, t
                       {**CFG, 'max_steps': 1}, tmp_path/'a')
     assert s['validation_examples'] == 0 and s['steps'] == 1 and s['best_validation_loss'] is None
     assert (tmp_path/'a'/'adapter_config.json').exists()
+
+
+def test_adapter_config_lists_are_sorted(tuned, tmp_path):
+    "PEFT writes target_modules from a set (order follows the hash seed): the saved adapter's lists are sorted."
+    d, _ = tuned
+    cfg = json.loads((d/'adapter'/'adapter_config.json').read_text())
+    assert len(cfg['target_modules']) > 1 and cfg['target_modules'] == sorted(cfg['target_modules'])
+    (tmp_path/'adapter_config.json').write_text(json.dumps({'target_modules': ['v_proj', 'k_proj', 'q_proj'], 'r': 4}))
+    sort_adapter_config(tmp_path)
+    assert json.loads((tmp_path/'adapter_config.json').read_text()) == {'r': 4, 'target_modules': ['k_proj', 'q_proj', 'v_proj']}
