@@ -147,6 +147,7 @@ def test_calibrated_p_yes():
     cf = np.log([0.6, 0.4])  # the model leans to Yes by 1.5:1 on a content-free state
     np.testing.assert_allclose(calibrated_p_yes(lp, cf), [4/1.5/(1 + 4/1.5), 1/1.5/(1 + 1/1.5)])
     np.testing.assert_allclose(calibrated_p_yes(np.log([[0.6, 0.4]]), cf), [0.5])
+    np.testing.assert_allclose(calibrated_p_yes(lp, np.stack([cf, np.log([0.5, 0.5])])), [4/1.5/(1 + 4/1.5), 0.5])  # one per row
 
 
 def test_select_for_llm_is_deterministic_unique_and_balances_classes(data):
