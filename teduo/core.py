@@ -13,7 +13,8 @@ import yaml
 
 # %% auto #0
 __all__ = ['repo_root', 'resolve', 'load_params', 'check_keys', 'stable_seed', 'rng', 'seed_everything', 'atomic_path',
-           'write_text', 'dumps', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'StageTimer']
+           'write_text', 'dumps', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'wilson_interval',
+           'cluster_bootstrap_interval', 'paired_test', 'StageTimer']
 
 # %% ../nbs/00_core.ipynb #dc165d9f
 def repo_root(start:str|Path|None=None, # where to start looking (default: cwd, then this file)
@@ -130,6 +131,45 @@ def read_jsonl(path:str|Path)->list[dict]:
         try: out.append(json.loads(line))
         except json.JSONDecodeError as e: raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
     return out
+
+# %% ../nbs/00_core.ipynb #e9ac6374
+def wilson_interval(k:int, # successes
+                    n:int, # trials
+                    z:float=1.959964, # normal quantile (95%)
+                   )->tuple[float, float]: # (low, high); (nan, nan) when n == 0
+    "The Wilson score interval of a binomial proportion."
+    if n <= 0: return (float('nan'), float('nan'))
+    p = k / n; d = 1 + z*z/n
+    c = (p + z*z/(2*n)) / d; h = z*np.sqrt(p*(1 - p)/n + z*z/(4*n*n)) / d
+    return (max(0.0, float(c - h)), min(1.0, float(c + h)))
+
+def cluster_bootstrap_interval(success:np.ndarray, # (n,) 0/1 outcomes
+                               cluster:np.ndarray, # (n,) cluster id of each outcome (e.g. the goal)
+                               n_boot:int=2000, seed:int=0, level:float=0.95,
+                              )->tuple[float, float]: # percentile interval of the pooled success rate
+    "Percentile bootstrap interval of a success rate, resampling whole clusters with replacement."
+    success = np.asarray(success, float); cluster = np.asarray(cluster)
+    if len(success) == 0: return (float('nan'), float('nan'))
+    _, cid = np.unique(cluster, return_inverse=True)
+    k = np.bincount(cid, weights=success); n = np.bincount(cid).astype(float)  # per-cluster successes and sizes
+    draw = np.random.default_rng(np.random.SeedSequence([seed, len(k)])).integers(len(k), size=(n_boot, len(k)))
+    rates = k[draw].sum(1) / n[draw].sum(1)
+    a = (1 - level) / 2
+    return (float(np.quantile(rates, a)), float(np.quantile(rates, 1 - a)))
+
+def paired_test(a:np.ndarray, # (n,) 0/1 outcomes of agent A
+                b:np.ndarray, # (n,) 0/1 outcomes of agent B on the same episodes (same order), or any length if unpaired
+                paired:bool=True)->dict:
+    "Two-sided test of A vs B: exact McNemar on discordant pairs (paired), else Fisher's exact test."
+    from scipy.stats import binomtest, fisher_exact
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    if paired:
+        if len(a) != len(b): raise ValueError(f"paired test needs equal lengths, got {len(a)} and {len(b)}")
+        n10, n01 = int((a & ~b).sum()), int((~a & b).sum())
+        p = 1.0 if n10 + n01 == 0 else float(binomtest(n10, n10 + n01, 0.5).pvalue)
+        return {'test': 'exact McNemar', 'a_only': n10, 'b_only': n01, 'p_value': round(p, 6)}
+    table = [[int(a.sum()), int((~a).sum())], [int(b.sum()), int((~b).sum())]]
+    return {'test': "Fisher's exact", 'table': table, 'p_value': round(float(fisher_exact(table)[1]), 6)}
 
 # %% ../nbs/00_core.ipynb #60c05cee
 class StageTimer:
