@@ -43,14 +43,20 @@ class LLMConfig:
         return c
 
 def _gguf(model:str)->tuple[Path, str]|None:
-    "(folder, file) of a `package:<pkg>/<file.gguf>` model."
+    """(folder, file) of a `package:<pkg>/<file>` model: the package is located, never imported (params must not run
+    code), and the file must lie inside it."""
     if not model.startswith('package:'): return None
+    import importlib.util
     pkg, _, fname = model[len('package:'):].partition('/')
-    from importlib.resources import files
-    try: d = Path(str(files(pkg)))
-    except ModuleNotFoundError: raise FileNotFoundError(f"model {model!r}: package {pkg!r} is not installed") from None
-    if not (d/fname).exists(): raise FileNotFoundError(f"model {model!r}: {d/fname} does not exist")
-    return d, fname
+    if not pkg.isidentifier() or not fname:
+        raise ValueError(f"model {model!r}: expected package:<top-level package>/<file inside it>")
+    spec = importlib.util.find_spec(pkg)  # a top-level name: finds the folder without executing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model {model!r}: {pkg!r} is not an installed package (a folder)")
+    d = Path(list(spec.submodule_search_locations)[0]).resolve(); f = (d/fname).resolve()
+    if d not in f.parents: raise ValueError(f"model {model!r}: {fname!r} leaves the package folder {d}")
+    if not f.is_file(): raise FileNotFoundError(f"model {model!r}: {f} does not exist")
+    return d, str(f.relative_to(d))
 
 def _folder_hash(d:Path, full:bool=False)->str:
     "Hash of a model folder: configs, and weight sizes (or full weight bytes with `full`, for small adapters)."
