@@ -479,16 +479,23 @@ class LLM:
         return out
 
 # %% ../nbs/02b_llm.ipynb #a76dfedb
+@functools.cache
+def _int_strict(cls):
+    "The jsonschema validator class `cls`, except that 3.0 is not an integer (JSON Schema says it is): an index must be one."
+    import jsonschema
+    is_int = lambda checker, x: isinstance(x, int) and not isinstance(x, bool)
+    return jsonschema.validators.extend(cls, type_checker=cls.TYPE_CHECKER.redefine('integer', is_int))
+
 def parse_json_answer(text:str, # model answer; a fenced or bare JSON object, possibly with text around it
                       schema:dict, # JSON schema the object must satisfy
                      )->dict:
-    "The first JSON object in `text`, validated against `schema`; `ParseError` otherwise."
+    "The first JSON object in `text`, validated against `schema` (an integer is written 3, not 3.0); `ParseError` otherwise."
     import jsonschema
     start = text.find('{')
     if start < 0: raise ParseError('no JSON object in the answer')
     try: obj, _ = json.JSONDecoder().raw_decode(text[start:])
     except json.JSONDecodeError as e: raise ParseError(f'invalid JSON ({e.msg} at char {e.pos})') from None
-    try: jsonschema.validate(obj, schema)
+    try: jsonschema.validate(obj, schema, cls=_int_strict(jsonschema.validators.validator_for(schema)))
     except jsonschema.ValidationError as e: raise ParseError(f"JSON does not match the schema: {e.message}") from None
     return obj
 

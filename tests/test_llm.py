@@ -326,6 +326,13 @@ def test_parse_json_answer_refuses(text, msg):
     with pytest.raises(ParseError, match=msg): parse_json_answer(text, SCHEMA)
 
 
+def test_parse_json_answer_integers_are_json_integers():
+    """JSON Schema counts 3.0 as an integer; an answer used as an index must not (it crashed the abstract stage)."""
+    assert _json_parser('{"a": 3}') == {'a': 3}
+    for bad in ('{"a": 3.0}', '{"a": true}'):
+        with pytest.raises(ParseError, match="not of type 'integer'"): _json_parser(bad)
+
+
 def test_parse_choice():
     assert parse_choice('Yes', ['yes', 'no']) == 'yes'
     assert parse_choice('no.', ['yes', 'no']) == 'no'
