@@ -18,20 +18,26 @@ from .llm import LLM, LLMConfig, Unparseable, parse_json_answer, ParseError
 
 # %% auto #0
 __all__ = ['SELECTION_SCHEMA', 'HIDDEN', 'FLOOR', 'WALLC', 'OBSTACLE', 'DOORC', 'GOAL_OBJECT', 'GOAL_LOCATION', 'CATEGORY_NAMES',
-           'CARRIED_NAMES', 'KEY_', 'BALL_', 'BOX_', 'ABSTRACTION_SYSTEM', 'ABSTRACTION_EXAMPLES', 'oracle_selection',
-           'canonical_selection', 'abstract_len', 'abstract_states', 'abstract_text', 'abstraction_chat',
-           'llm_selections', 'constrained_selections', 'make_abstractions', 'unique_rows', 'abstraction_report']
+           'CARRIED_NAMES', 'KEY_', 'BALL_', 'BOX_', 'ABSTRACTION_SYSTEM', 'ABSTRACTION_EXAMPLES', 'selection_schema',
+           'oracle_selection', 'canonical_selection', 'abstract_len', 'abstract_states', 'abstract_text',
+           'abstraction_chat', 'llm_selections', 'constrained_selections', 'make_abstractions', 'unique_rows',
+           'abstraction_report']
 
 # %% ../nbs/03_abstract.ipynb #4819386c
 _DESC_SCHEMA = {'type': 'object', 'additionalProperties': False, 'required': ['type'],
                 'properties': {'color': {'enum': COLORS + [None]}, 'type': {'enum': OBJECT_TYPES + ['object']}}}
-_TILE_SCHEMA = {'type': 'object', 'additionalProperties': False, 'required': ['tile'],
-                'properties': {'tile': {'type': 'array', 'items': {'type': 'integer', 'minimum': 0, 'maximum': 255},
-                                        'minItems': 2, 'maxItems': 2}}}
-SELECTION_SCHEMA = {
-    'type': 'object', 'additionalProperties': False, 'required': ['goal_objects', 'goal_locations'],
-    'properties': {'goal_objects': {'type': 'array', 'items': _DESC_SCHEMA, 'maxItems': 4},
-                   'goal_locations': {'type': 'array', 'items': {'oneOf': [_DESC_SCHEMA, _TILE_SCHEMA]}, 'maxItems': 4}}}
+def selection_schema(grid:tuple[int, int]|None=None, # (width, height) when known: a tile must lie inside the grid
+                    )->dict:
+    "The JSON schema of a selection (what the abstraction LLM answers)."
+    W, H = grid or (256, 256)
+    xy = [{'type': 'integer', 'minimum': 0, 'maximum': n - 1} for n in (W, H)]
+    tile = {'type': 'object', 'additionalProperties': False, 'required': ['tile'],
+            'properties': {'tile': {'type': 'array', 'prefixItems': xy, 'minItems': 2, 'maxItems': 2}}}
+    return {'type': 'object', 'additionalProperties': False, 'required': ['goal_objects', 'goal_locations'],
+            'properties': {'goal_objects': {'type': 'array', 'items': _DESC_SCHEMA, 'maxItems': 4},
+                           'goal_locations': {'type': 'array', 'items': {'oneOf': [_DESC_SCHEMA, tile]}, 'maxItems': 4}}}
+
+SELECTION_SCHEMA = selection_schema()
 
 def _d(desc)->dict: return {'color': desc.color, 'type': desc.type or 'object'}
 
@@ -167,10 +173,12 @@ def abstraction_chat(goal_text:str)->list[dict]:
     return msgs + [{'role': 'user', 'content': f"Goal: {goal_text}"}]
 
 def llm_selections(goals:list, # goal records (the LLM sees `goal`, the text a policy would see)
-                   llm:LLM, max_new_tokens:int=96, retries:int=2)->list[dict]:
+                   llm:LLM, max_new_tokens:int=96, retries:int=2,
+                   grid:tuple[int, int]|None=None, # (width, height): a tile outside it is an invalid answer
+                  )->list[dict]:
     "One record per goal: {'goal', 'instruction', 'selection' (or None), 'source', 'answer'}."
-    gs = [Goal.of(g) for g in goals]
-    answers = llm.ask([abstraction_chat(g.goal) for g in gs], lambda t: parse_json_answer(t, SELECTION_SCHEMA),
+    gs, schema = [Goal.of(g) for g in goals], selection_schema(grid)
+    answers = llm.ask([abstraction_chat(g.goal) for g in gs], lambda t: parse_json_answer(t, schema),
                       retries=retries, max_new_tokens=max_new_tokens)
     out = []
     for g, a in zip(gs, answers):

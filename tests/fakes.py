@@ -1,5 +1,5 @@
 """Test doubles for the LLM layer: scripted backends (no model) and a local OpenAI-compatible HTTP server."""
-import json, threading
+import json, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -33,8 +33,9 @@ def last_user(chat)->str: return [m['content'] for m in chat if m['role'] == 'us
 
 class FakeOpenAI:
     """An OpenAI-compatible chat-completions server on 127.0.0.1 (a free port), in a thread.
-    `script` holds (status, payload) answers consumed first (payload: dict -> JSON, bytes -> raw); after that every
-    request gets `default(body)`. `requests` records (path, headers, body) of every request."""
+    `script` holds (status, payload) answers consumed first (payload: dict -> JSON, bytes -> raw body, a function ->
+    called with the handler instead of answering, to send a broken or slow response); after that every request gets
+    `default(body)`. `requests` records (path, headers, body) of every request."""
     def __init__(self):
         self.requests, self.script, self.lock = [], [], threading.Lock()
         self.top_logprobs = [{'token': 'Yes', 'logprob': -0.25}, {'token': ' no', 'logprob': -1.5},
@@ -49,6 +50,7 @@ class FakeOpenAI:
                 with srv.lock:
                     srv.requests.append((self.path, dict(self.headers), req))
                     status, payload = srv.script.pop(0) if srv.script else srv.default(self.path, req)
+                if callable(payload): return payload(self)
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(status); self.send_header('Content-Type', 'application/json')
                 self.send_header('Content-Length', str(len(data))); self.end_headers(); self.wfile.write(data)
@@ -66,3 +68,22 @@ class FakeOpenAI:
         return 200, {'id': 'x', 'object': 'chat.completion', 'model': req['model'], 'choices': [choice], 'usage': usage}
     def __enter__(self): self.thread.start(); return self
     def __exit__(self, *a): self.httpd.shutdown(); self.httpd.server_close()
+
+
+def raw_reply(data:bytes):
+    "A scripted payload that writes `data` as the whole reply (no status line of the server's own) and hangs up."
+    def send(handler): handler.wfile.write(data); handler.close_connection = True
+    return send
+
+
+def trickle(status:int, payload:dict, seconds:float, pieces:int=30):
+    "A scripted payload that sends a complete reply, its body in `pieces` spread over `seconds` (a slow server)."
+    def send(handler):
+        data = json.dumps(payload).encode()
+        try:
+            handler.send_response(status); handler.send_header('Content-Length', str(len(data))); handler.end_headers()
+            for i in range(pieces):
+                handler.wfile.write(data[i*len(data)//pieces:(i + 1)*len(data)//pieces]); handler.wfile.flush()
+                time.sleep(seconds / pieces)
+        except OSError: pass  # the client hung up (its deadline passed)
+    return send

@@ -178,6 +178,7 @@ def test_open_door_goal_shows_its_state():
     {'goal_objects': [], 'goal_locations': [{'tile': [1]}]},
     {'goal_objects': [], 'goal_locations': [{'tile': [-1, 2]}]},
     {'goal_objects': [], 'goal_locations': [{'tile': ['1', '2']}]},
+    {'goal_objects': [], 'goal_locations': [{'tile': [3.0, 1.0]}]},                      # a float is no tile index
     {'goal_objects': [{'tile': [1, 2]}], 'goal_locations': []},                          # tiles are locations only
     {'goal_objects': [{'color': 'red', 'type': 'ball'}] * 5, 'goal_locations': []},      # too many
     {'goal_objects': {'color': 'red', 'type': 'ball'}, 'goal_locations': []},            # not a list
@@ -273,6 +274,22 @@ def test_llm_selections_generate_mode_keeps_valid_answers():
     out = llm_selections(list(ans), LLM(LLMConfig('scripted'), None, backend=be), retries=2)
     assert out[0]['selection'] == canonical_selection(oracle_selection('go to the red ball')) and out[0]['source'] == 'llm'
     assert out[1]['selection'] is None and out[1]['answer'] == 'no idea'
+
+
+def test_generate_mode_re_asks_float_or_off_grid_tiles():
+    """`{"tile": [3.0, 1.0]}` passed the schema (3.0 is an integer to JSON Schema) and then crashed the stage with an
+    IndexError; a tile outside the known grid was silently dropped. Both are invalid answers now: re-asked, and
+    counted as a fallback when the model never fixes them."""
+    good = json.dumps(oracle_selection('go to the tile (3,1)'))
+    ans = {'go to the tile (3,1)': ['{"goal_objects": [], "goal_locations": [{"tile": [3.0, 1.0]}]}', good],
+           'go to the tile (2,2)': ['{"goal_objects": [], "goal_locations": [{"tile": [2, 9]}]}'] * 2}
+    be = ScriptedBackend(generate_fn=lambda c: ans[_goal_of(c[:10])].pop(0))
+    llm = LLM(LLMConfig('scripted'), None, backend=be)
+    out = make_abstractions(list(ans), 'llm', llm, mode='generate', retries=1, grid=(W, H))
+    assert out[0]['selection'] == canonical_selection(oracle_selection('go to the tile (3,1)')) and out[0]['source'] == 'llm'
+    assert out[1]['selection'] is None and out[1]['source'] == 'fallback:none' and 'maximum' in out[1]['error']
+    assert 'integer' in be.calls[1][1][0][-1]['content'] and llm.stats['unparseable'] == 1
+    abstract_states(make_state(OBJS)[None], out[0]['selection'], RS)
 
 
 def test_make_abstractions_sources_and_errors():

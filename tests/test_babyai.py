@@ -140,6 +140,17 @@ def test_goal_lists_deterministic_and_disjoint(root):
     with pytest.raises(ValueError, match='unknown kinds'): make_goal_lists(WORLD, 3, 1, {'fly': 1.0}, syn, 0)
 
 
+def test_goal_file_not_utf8_names_the_file(tmp_path):
+    from teduo.core import read_json, read_jsonl, write_jsonl
+    f = tmp_path/'train.jsonl'
+    write_jsonl([{'goal': 'go to the red ball', 'instruction': 'go to the red ball'}], f)
+    assert read_jsonl(f)[0]['goal'] == 'go to the red ball'
+    f.write_bytes('{"goal": "aller à la balle"}\n'.encode('latin-1'))  # saved by an editor in Latin-1
+    with pytest.raises(ValueError, match=r'train\.jsonl: not UTF-8 text.*byte 0xe0'): read_jsonl(f)
+    (tmp_path/'g.json').write_bytes(b'\xff\xfe{}')
+    with pytest.raises(ValueError, match=r'g\.json: not UTF-8 text'): read_json(tmp_path/'g.json')
+
+
 def test_layout_seeds():
     assert layout_seeds({'start': 5, 'count': 3}) == [5, 6, 7]
     with pytest.raises(ValueError, match='share seeds'): check_disjoint_layouts([1, 2], [2, 3])

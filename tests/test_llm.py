@@ -1,7 +1,7 @@
 """The LLM layer: the OpenAI-compatible backend against a local server, the persistent answer cache, strict parsing
 with bounded retries, and the transformers backend's scoring / constrained choice / batched generation checked
 against brute-force references on a tiny random llama."""
-import json
+import json, sqlite3, threading, time, warnings
 
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ import pytest
 import teduo.llm as tl
 from teduo.llm import (LLM, LLMConfig, LLMCache, OpenAIBackend, TransformersBackend, Unparseable, ParseError,
                        parse_json_answer, parse_choice)
-from fakes import FakeOpenAI, ScriptedBackend, last_user
+from fakes import FakeOpenAI, ScriptedBackend, last_user, raw_reply, trickle
 
 
 def chat(text, system=None):
@@ -108,6 +108,36 @@ def test_openai_non_json_body_names_the_server(server):
         openai_llm(server).generate([chat('x')])
 
 
+BROKEN_REPLIES = {  # what a crashing server or a proxy can send: http.client raises these, not urllib
+    'IncompleteRead': raw_reply(b'HTTP/1.0 200 OK\r\nContent-Length: 100\r\n\r\n{"choi'),
+    'BadStatusLine': raw_reply(b'garbage instead of a status line\r\n\r\n'),
+    'RemoteDisconnected': raw_reply(b''),
+}
+
+
+@pytest.mark.parametrize('kind', list(BROKEN_REPLIES))
+def test_openai_retries_broken_connections(server, no_sleep, kind):
+    server.script = [(200, BROKEN_REPLIES[kind])]
+    assert openai_llm(server).generate([chat('again')]) == ['echo: again']
+    assert len(server.requests) == 2 and no_sleep == [0.5]
+
+
+def test_openai_broken_connections_give_an_error_naming_the_url(server, no_sleep):
+    server.script = [(200, BROKEN_REPLIES['BadStatusLine'])] * 3
+    with pytest.raises(ConnectionError, match=rf"{server.url}/chat/completions: no answer after 3 attempts.*BadStatusLine"):
+        openai_llm(server).generate([chat('x')])
+
+
+def test_openai_timeout_bounds_the_whole_request(server):
+    """A server trickling its answer (a piece every 0.2 s for 6 s) never trips a per-read timeout of 1 s: the
+    deadline is the whole request, then the request is retried (the second answer comes at once)."""
+    slow = server.default('/v1/chat/completions', {'model': 'test-model', 'messages': chat('slow')})[1]
+    server.script = [(200, trickle(200, slow, seconds=6.0))]
+    t = time.monotonic()
+    assert openai_llm(server, timeout_s=1.0).generate([chat('fast')]) == ['echo: fast']
+    assert time.monotonic() - t < 3.0 and len(server.requests) == 2
+
+
 def test_openai_constrained_choice_is_refused_clearly(server):
     with pytest.raises(NotImplementedError, match='token-level access'):
         openai_llm(server).choose([chat('x')], ['a', 'b'])
@@ -165,13 +195,76 @@ def test_cache_computes_duplicate_prompts_once():
     assert out == ['A', 'B', 'A', 'A'] and be.n_prompts() == 2 and llm.stats['calls'] == 2
 
 
+def test_cache_keys_separate_openai_servers(tmp_path):
+    """Two servers behind the same model name (a vLLM and a llama.cpp, say) never share answers."""
+    db = tmp_path/'c.sqlite'
+    with FakeOpenAI() as a, FakeOpenAI() as b:
+        b.default = lambda path, req: (200, {'choices': [{'message': {'content': 'from b'}}]})
+        assert openai_llm(a, db).generate([chat('q')]) == ['echo: q']
+        assert openai_llm(b, db).generate([chat('q')]) == ['from b']
+        assert openai_llm(a, db).generate([chat('q')]) == ['echo: q'] and len(a.requests) == 1
+
+
+@pytest.mark.parametrize('bad', ['', '  \n ', None, 3])
+def test_cache_never_stores_empty_or_non_text_answers(tmp_path, bad):
+    """An empty answer (a server that failed quietly, a model that stopped at once) is returned but not cached: the
+    next call asks again. One stored by an older version is not served either."""
+    answers = [bad, 'a real answer']
+    be = ScriptedBackend(generate_fn=lambda c: answers.pop(0))
+    db = tmp_path/'c.sqlite'
+    llm = LLM(LLMConfig('m'), db, backend=be)
+    assert llm.generate([chat('q')]) == [bad] and len(LLMCache(db)) == 0 and llm.stats['empty_answers'] == 1
+    assert llm.generate([chat('q')]) == ['a real answer'] and be.n_prompts() == 2
+    assert LLM(LLMConfig('m'), db, backend=be).generate([chat('q')]) == ['a real answer'] and be.n_prompts() == 2
+    key = LLMCache.key(llm.fingerprint, 'generate', chat('old'), dict(max_new_tokens=64, temperature=0.0, seed=0))
+    LLMCache(db).put_many({key: bad})  # written before empty answers were refused
+    answers.append('fresh')
+    assert llm.generate([chat('old')]) == ['fresh'] and be.n_prompts() == 3
+
+
+def test_cache_locked_by_another_writer_keeps_the_answers(tmp_path):
+    """Another process holding the SQLite file's write lock: the call waits (busy timeout), retries, then returns its
+    answers with a warning and counts them as not cached; nothing is lost, nothing crashes."""
+    db = tmp_path/'c.sqlite'
+    be = ScriptedBackend(generate_fn=lambda c: 'x ' + last_user(c))
+    llm = LLM(LLMConfig('m'), LLMCache(db, busy_timeout_s=0.05), backend=be)
+    other = sqlite3.connect(db, isolation_level=None); other.execute('BEGIN EXCLUSIVE')
+    with pytest.warns(UserWarning) as w:
+        assert llm.generate([chat('a'), chat('b')]) == ['x a', 'x b']
+    msgs = [str(m.message) for m in w]
+    assert any('c.sqlite: could not read' in m for m in msgs) and any('c.sqlite: 2 answers not cached' in m for m in msgs)
+    assert llm.stats['not_cached'] == 2
+    with pytest.raises(sqlite3.OperationalError, match=r'c\.sqlite: database is locked'): LLMCache(db, busy_timeout_s=0.05)
+    other.execute('ROLLBACK')
+    assert llm.generate([chat('a'), chat('b')]) == ['x a', 'x b'] and len(LLMCache(db)) == 2
+
+
+def test_cache_waits_for_a_short_write_lock(tmp_path):
+    db = tmp_path/'c.sqlite'
+    LLMCache(db)
+    other = sqlite3.connect(db, isolation_level=None, check_same_thread=False); other.execute('BEGIN IMMEDIATE')
+    threading.Timer(0.3, lambda: other.execute('ROLLBACK')).start()
+    llm = LLM(LLMConfig('m'), LLMCache(db, busy_timeout_s=5.0), backend=ScriptedBackend(generate_fn=lambda c: 'y'))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert llm.generate([chat('a')]) == ['y']
+    assert llm.stats['not_cached'] == 0 and len(LLMCache(db)) == 1
+
+
+def test_corrupt_cache_file_is_named_with_what_to_do(tmp_path):
+    db = tmp_path/'llm.sqlite'
+    db.write_bytes(b'not a database at all \x00\xff' * 200)
+    with pytest.raises(ValueError, match=r'llm\.sqlite.*not an SQLite.*delete it'):
+        LLM(LLMConfig('m'), db, backend=ScriptedBackend(generate_fn=lambda c: 'x'))
+
+
 def test_model_fingerprint_follows_the_weights(tmp_path):
     d = tmp_path/'model'; d.mkdir()
     (d/'config.json').write_text('{"a": 1}'); (d/'model.safetensors').write_bytes(b'0'*10)
     f1 = tl.model_fingerprint(LLMConfig(str(d)))
     (d/'model.safetensors').write_bytes(b'0'*11)
     assert tl.model_fingerprint(LLMConfig(str(d))) != f1
-    assert tl.model_fingerprint(LLMConfig('m', 'openai', base_url='u')) == 'openai:m'
+    assert tl.model_fingerprint(LLMConfig('m', 'openai', base_url='http://h:1/v1/')) == 'openai:m@http://h:1/v1'
 
 
 # ---------------------------------------------------------------- strict parsing
@@ -231,6 +324,13 @@ def test_parse_json_answer_fenced_bare_and_surrounded():
 ])
 def test_parse_json_answer_refuses(text, msg):
     with pytest.raises(ParseError, match=msg): parse_json_answer(text, SCHEMA)
+
+
+def test_parse_json_answer_integers_are_json_integers():
+    """JSON Schema counts 3.0 as an integer; an answer used as an index must not (it crashed the abstract stage)."""
+    assert _json_parser('{"a": 3}') == {'a': 3}
+    for bad in ('{"a": 3.0}', '{"a": true}'):
+        with pytest.raises(ParseError, match="not of type 'integer'"): _json_parser(bad)
 
 
 def test_parse_choice():
