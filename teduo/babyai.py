@@ -83,12 +83,14 @@ def reset_layout(env:Synth, # from `World.make_env`
 
 def layout_seeds(spec:dict|list, # {'start': s, 'count': n} or an explicit list of seeds
                  where:str='layouts')->list[int]:
-    "The layout seeds of a params entry."
+    "The layout seeds of a params entry (at least one)."
     if isinstance(spec, dict):
         check_keys(spec, ['start', 'count'], where)
-        return list(range(int(spec['start']), int(spec['start']) + int(spec['count'])))
-    if isinstance(spec, (list, tuple)) and all(isinstance(s, int) for s in spec): return list(spec)
-    raise ValueError(f"{where}: expected {{start, count}} or a list of ints, got {spec!r}")
+        seeds = list(range(int(spec['start']), int(spec['start']) + int(spec['count'])))
+    elif isinstance(spec, (list, tuple)) and all(isinstance(s, int) for s in spec): seeds = list(spec)
+    else: raise ValueError(f"{where}: expected {{start, count}} or a list of ints, got {spec!r}")
+    if not seeds: raise ValueError(f"{where}: no layouts in {spec!r}; expected count >= 1 or a non-empty list of seeds")
+    return seeds
 
 def check_disjoint_layouts(train:list[int], test:list[int]):
     "Train and test layouts must not share a seed."

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from minigrid.utils.baby_ai_bot import BabyAIBot
 from tqdm.auto import tqdm
 
-from .core import atomic_path, check_keys, resolve, rng, stable_seed, write_json, StageTimer
+from .core import atomic_path, check_keys, check_positive, resolve, rng, stable_seed, write_json, StageTimer
 from .babyai import (World, reset_layout, layout_seeds, check_disjoint_layouts, encode_state, state_len,
                           EMPTY, quiet, RejectSampling, ACTIONS)
 
@@ -159,15 +159,15 @@ def load_transitions(path:str|Path)->Transitions:
                     np.asarray(t.column('policy').to_pylist(), dtype=object), _fsb_to_numpy(t.column('state'), L),
                     t.column('action').to_numpy(), _fsb_to_numpy(t.column('next_state'), L))
     bad = lambda what: ValueError(f"{p}: {what}")
-    if len(d) and ((d.actions < 0) | (d.actions >= len(ACTIONS))).any(): raise bad(f"actions outside 0..{len(ACTIONS)-1}")
-    if len(d) and ((d.states[:, :2] != (world.width, world.height)).any() or (d.next_states[:, :2] != (world.width, world.height)).any()):
+    if not len(d): raise bad("no transitions (an empty dataset: collect with params collect.n_episodes >= 1)")
+    if ((d.actions < 0) | (d.actions >= len(ACTIONS))).any(): raise bad(f"actions outside 0..{len(ACTIONS)-1}")
+    if (d.states[:, :2] != (world.width, world.height)).any() or (d.next_states[:, :2] != (world.width, world.height)).any():
         raise bad(f"states whose header is not the {world.width}x{world.height} world of the metadata")
-    if len(d):
-        new_ep = np.r_[True, d.episode[1:] != d.episode[:-1]]
-        if (np.diff(d.episode) < 0).any() or (d.step[new_ep] != 0).any() or (d.step[~new_ep] != d.step[np.r_[~new_ep[1:], False]] + 1).any():
-            raise bad("episodes are not contiguous runs of steps 0, 1, 2, ...")
-        cont = ~new_ep[1:]
-        if (d.next_states[:-1][cont] != d.states[1:][cont]).any(): raise bad("next_state of a step differs from the state of the next step")
+    new_ep = np.r_[True, d.episode[1:] != d.episode[:-1]]
+    if (np.diff(d.episode) < 0).any() or (d.step[new_ep] != 0).any() or (d.step[~new_ep] != d.step[np.r_[~new_ep[1:], False]] + 1).any():
+        raise bad("episodes are not contiguous runs of steps 0, 1, 2, ...")
+    cont = ~new_ep[1:]
+    if (d.next_states[:-1][cont] != d.states[1:][cont]).any(): raise bad("next_state of a step differs from the state of the next step")
     return d
 
 # %% ../nbs/02_collect.ipynb #16965bdd
@@ -177,6 +177,7 @@ class EpisodeSpec:
 
 def plan_episodes(n_episodes:int, layouts:list[int], policies:dict[str, float], seed:int)->list[EpisodeSpec]:
     "Which layout, seed and behaviour policy each episode gets."
+    check_positive(n_episodes, 'params collect.n_episodes')
     unknown = set(policies) - set(POLICIES)
     if unknown: raise ValueError(f"params collect.policies: unknown policies {sorted(unknown)}; expected {POLICIES}")
     names = [k for k in POLICIES if policies.get(k, 0) > 0]

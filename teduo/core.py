@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #2a7f2c18
 from __future__ import annotations
-import contextlib, hashlib, json, os, random, tempfile, time
+import contextlib, hashlib, json, os, random, re, shutil, tempfile, time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -12,9 +12,9 @@ import numpy as np
 import yaml
 
 # %% auto #0
-__all__ = ['repo_root', 'resolve', 'load_params', 'check_keys', 'stable_seed', 'rng', 'seed_everything', 'atomic_path',
-           'write_text', 'dumps', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'wilson_interval',
-           'cluster_bootstrap_interval', 'paired_test', 'StageTimer']
+__all__ = ['repo_root', 'resolve', 'load_params', 'check_keys', 'check_positive', 'stable_seed', 'rng', 'seed_everything',
+           'atomic_path', 'write_text', 'dumps', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl',
+           'wilson_interval', 'cluster_bootstrap_interval', 'paired_test', 'StageTimer']
 
 # %% ../nbs/00_core.ipynb #dc165d9f
 def repo_root(start:str|Path|None=None, # where to start looking (default: cwd, then this file)
@@ -56,6 +56,14 @@ def check_keys(d:dict, # a params section
                          f"expected {sorted(required)} (optional {sorted(optional)})")
     return d
 
+def check_positive(value, # a count or limit from params
+                   where:str, # its name for the error message, e.g. 'params.yaml:evaluate.max_steps'
+                  )->int:
+    "Refuse a count or limit that is not an integer >= 1 (0 episodes or steps must not pass as a result)."
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{where}: got {value!r}, expected an integer >= 1")
+    return int(value)
+
 # %% ../nbs/00_core.ipynb #cd87c254
 def _key_int(k)->int:
     if isinstance(k, (int, np.integer)): return int(k)
@@ -78,22 +86,35 @@ def seed_everything(seed:int):
     except ImportError: pass
 
 # %% ../nbs/00_core.ipynb #217b64c8
+def _remove(p:Path):
+    "Delete a file, link or folder."
+    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+def _recover(dest:Path):
+    "Clean up after a killed write: put a moved-aside old `dest` back if `dest` is gone, delete other leftovers."
+    left = re.compile(rf"\.{re.escape(dest.name)}\.(tmp|old)-\d+")
+    for p in sorted(p for p in dest.parent.iterdir() if left.fullmatch(p.name)):
+        if p.name.startswith(f".{dest.name}.old-") and not os.path.lexists(dest): os.rename(p, dest)
+        else: _remove(p)
+
 @contextlib.contextmanager
 def atomic_path(dest:str|Path, # final path (file or directory)
                ):
-    "Yield a temporary sibling path; on success rename it over `dest`, on error delete it."
+    "Yield a temporary sibling path; on success rename it over `dest` (an old directory: moved aside, restored on failure), on error delete it."
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent/f".{dest.name}.tmp-{os.getpid()}"
+    _recover(dest)
+    tmp, aside = (dest.parent/f".{dest.name}.{k}-{os.getpid()}" for k in ('tmp', 'old'))
     try:
         yield tmp
-        if dest.is_dir() and not dest.is_symlink():
-            import shutil; shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        if dest.is_dir() and not dest.is_symlink():  # a directory can't be renamed over: swap it with two renames
+            os.rename(dest, aside)
+            try: os.rename(tmp, dest)
+            except BaseException: os.rename(aside, dest); raise
+            _remove(aside)
+        else: os.replace(tmp, dest)
     finally:
-        if tmp.exists():
-            import shutil
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+        if os.path.lexists(tmp): _remove(tmp)
 
 def write_text(text:str, dest:str|Path):
     "Write a text file atomically."

@@ -5,6 +5,7 @@
 # %% ../nbs/09_evaluate.ipynb #c34301c6
 from __future__ import annotations
 import json, math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .core import atomic_path, read_json, read_jsonl, resolve, rng, stable_seed, write_json, StageTimer
+from .core import atomic_path, check_positive, read_json, read_jsonl, resolve, rng, stable_seed, write_json, StageTimer
 from .babyai import (World, Goal, layout_seeds as _layout_seeds, reset_layout, encode_state, achieved, goal_feasible,
                           ACTIONS, parse_instruction)
 from .collect import start_episode
@@ -22,7 +23,8 @@ from .agent import Agent, RandomAgent, TabularAgent, LLMAgent, NOOP
 from .llm import LLM, LLMConfig
 
 # %% auto #0
-__all__ = ['EpisodeSpec', 'make_episodes', 'run_episodes', 'summarize', 'load_selections', 'build_agent', 'goal_selections']
+__all__ = ['EpisodeSpec', 'unique_goals', 'load_goals', 'make_episodes', 'run_episodes', 'summarize', 'load_selections',
+           'check_policies', 'build_agent', 'goal_selections']
 
 # %% ../nbs/09_evaluate.ipynb #cb4a502e
 @dataclass
@@ -30,18 +32,33 @@ class EpisodeSpec:
     "One evaluation episode."
     quadrant:str; goal:Goal; layout_seed:int; episode_seed:int; start:np.ndarray
 
+def unique_goals(goals:list, where:str)->list[Goal]:
+    "Goal records, refusing an empty list or a goal (the text a policy sees) listed twice: its episodes would count twice."
+    gs = [Goal.of(g) for g in goals]
+    if not gs: raise ValueError(f"{where}: no goals; expected at least one")
+    dup = [(g, n) for g, n in Counter(g.goal for g in gs).items() if n > 1]
+    if dup: raise ValueError(f"{where}: goal {dup[0][0]!r} is listed {dup[0][1]} times ({len(dup)} goals repeated); expected each goal once")
+    return gs
+
+def load_goals(path:str|Path)->list[Goal]:
+    "The goals of a JSONL goal file, refusing an empty file or a repeated goal."
+    p = resolve(path)
+    return unique_goals(read_jsonl(p), str(p))
+
 def make_episodes(world:World, quadrant:str, goals:list, layouts:list[int], episodes_per_goal:int, seed:int,
                   env=None)->tuple[list[EpisodeSpec], list[str]]:
     "(episodes, skipped goal instructions)."
+    goals, n = unique_goals(goals, f"quadrant {quadrant!r}"), check_positive(episodes_per_goal, 'episodes_per_goal')
+    if not len(layouts): raise ValueError(f"quadrant {quadrant!r}: no layouts; expected at least one layout seed")
     env = env or world.make_env()
     first = {l: encode_state(reset_layout(env, l)) for l in layouts}
     specs, skipped = [], []
-    for g in map(Goal.of, goals):
+    for g in goals:
         parse_instruction(g.instruction, world)  # a clear error for an impossible or unknown goal
         ok = [l for l in layouts if goal_feasible(first[l], g)]
         if not ok: skipped.append(g.instruction); continue
         r = rng(seed, 'eval', quadrant, g.instruction)
-        for e in range(episodes_per_goal):
+        for e in range(n):
             layout = int(ok[int(r.integers(len(ok)))])
             for attempt in range(20):
                 es = stable_seed(seed, 'eval-start', quadrant, g.instruction, e, attempt)
@@ -54,6 +71,7 @@ def make_episodes(world:World, quadrant:str, goals:list, layouts:list[int], epis
 def run_episodes(agent:Agent, specs:list[EpisodeSpec], world:World, max_steps:int, keep_states:int=0,
                  progress:bool=True)->tuple[pd.DataFrame, dict]:
     "(one row per episode, {episode index: state trajectory} for the first `keep_states` episodes)."
+    check_positive(max_steps, 'max_steps')
     envs = []
     for sp in specs:
         env = start_episode(world.make_env(), sp.layout_seed, sp.episode_seed); env.max_steps = 10**9
@@ -98,6 +116,31 @@ def load_selections(inputs:dict)->dict:
     if not inputs.get('abstractions') or not resolve(inputs['abstractions']).exists(): return {}
     return {a['goal']: a['selection'] for a in read_json(resolve(inputs['abstractions']))['abstractions']}
 
+def check_policies(policies:str|Path, # a policies file of the offline_rl stage
+                   labels:str|Path, # the label stage's folder (the abstract states a policy's rows stand for)
+                   abstractions:str|Path|None, # the abstract stage's file (`selections` come from it)
+                   meta:dict, labeled:list, selections:dict):
+    "Refuse policies, labels and abstractions of different runs: a policy would look up states it never saw (success 0)."
+    where = f"{policies} and {labels}"
+    a, b = [(g['goal'], g['instruction']) for g in meta['goals']], [(lg.goal.goal, lg.goal.instruction) for lg in labeled]
+    if a != b:
+        k = next(i for i in range(max(len(a), len(b))) if i >= min(len(a), len(b)) or a[i] != b[i])
+        raise ValueError(f"{where}: goal lists differ ({len(a)} vs {len(b)} goals; goal {k}: {a[k] if k < len(a) else None} "
+                         f"vs {b[k] if k < len(b) else None}); expected the labels the policies were trained on")
+    t = pq.read_table(resolve(policies), columns=['goal', 'state'])
+    g, rows = t.column('goal').to_numpy(), t.column('state').to_pylist()
+    order = np.argsort(g, kind='stable'); off = np.searchsorted(g[order], np.arange(len(labeled) + 1))
+    for k, (info, lg) in enumerate(zip(meta['goals'], labeled)):
+        mine = [rows[i] for i in order[off[k]:off[k + 1]]]
+        if mine != [r.tobytes() for r in lg.states]:
+            raise ValueError(f"{where}: goal {k} ({lg.goal.goal!r}): the policies' {len(mine)} abstract states differ from "
+                             f"the labels' {len(lg.states)}; expected the same rows in the same order")
+        diff = sorted(f for f in set(info) | set(lg.info) if info.get(f) != lg.info.get(f))
+        if diff: raise ValueError(f"{where}: goal {k} ({lg.goal.goal!r}): label fields {diff} differ; expected the label run the policies were trained on")
+        if selections.get(lg.goal.goal) != lg.info.get('selection'):
+            raise ValueError(f"{abstractions} and {labels}: goal {lg.goal.goal!r} has selection {selections.get(lg.goal.goal)!r} "
+                             f"in the abstractions, {lg.info.get('selection')!r} in the labels; expected the same")
+
 def build_agent(name:str, base:dict, world:World, inputs:dict, ev:dict, selections:dict, seed:int,
                 cache=None)->Agent:
     "An agent of the comparison, by name."
@@ -117,8 +160,10 @@ def build_agent(name:str, base:dict, world:World, inputs:dict, ev:dict, selectio
         from teduo.offline_rl import load_policies
         from teduo.label import load_labels
         f = {'tabular': 'q_learning_llm', 'tabular_oracle': 'q_learning_oracle', 'dqn': 'dqn_llm'}[name]
-        tables, meta = load_policies(Path(resolve(inputs['policies']))/f"{f}.parquet")
+        p = Path(resolve(inputs['policies']))/f"{f}.parquet"
+        tables, meta = load_policies(p)
         labeled = load_labels(inputs['labels'])
+        check_policies(p, inputs['labels'], inputs.get('abstractions'), meta, labeled, selections)
         return TabularAgent(tables, [lg.states for lg in labeled], [lg.goal for lg in labeled], selections, world.room_size, seed, name=name)
     if name in ('gcbc', 'il'):
         from teduo.baselines import load_baseline

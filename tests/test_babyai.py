@@ -155,6 +155,9 @@ def test_layout_seeds():
     assert layout_seeds({'start': 5, 'count': 3}) == [5, 6, 7]
     with pytest.raises(ValueError, match='share seeds'): check_disjoint_layouts([1, 2], [2, 3])
     with pytest.raises(ValueError, match='unknown keys'): layout_seeds({'start': 1, 'cnt': 2})
+    for empty in ({'start': 7, 'count': 0}, []):
+        with pytest.raises(ValueError, match=r'params.yaml:babyai.train_layouts: no layouts'):
+            layout_seeds(empty, 'params.yaml:babyai.train_layouts')
 
 
 def test_goal_feasible():

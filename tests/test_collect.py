@@ -66,5 +66,14 @@ def test_loader_refuses_bad_files(tmp_path):
         plan_episodes(3, [0], {'expert': 1.0}, 0)
 
 
+def test_zero_episodes_is_refused_at_collect_and_an_empty_file_when_loaded(tmp_path):
+    for n in (0, -5):
+        with pytest.raises(ValueError, match=rf'params collect.n_episodes: got {n}, expected an integer >= 1'):
+            plan_episodes(n, list(range(4)), POL, 0)
+    p = tmp_path/'empty.parquet'
+    save_transitions(episodes_to_table([], WORLD), p)  # what collect wrote for n_episodes: 0 before it was refused
+    with pytest.raises(ValueError, match=rf'{p}: no transitions .*collect.n_episodes >= 1'): load_transitions(p)
+
+
 def test_schema_version_constant():
     assert SCHEMA_VERSION.startswith('teduo.babyai.transitions/')

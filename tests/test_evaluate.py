@@ -1,6 +1,6 @@
 """Evaluation: metrics on synthetic episode logs, episode planning (infeasible and unknown goals), and the evaluate and
 figures notebooks run end to end under papermill on tiny inputs."""
-import json, math, subprocess
+import json, math, shutil, subprocess
 
 import numpy as np
 import pandas as pd
@@ -8,8 +8,8 @@ import pytest
 
 from teduo.babyai import World, Goal, encode_state, achieved, goal_feasible, reset_layout, synthetic_instructions
 from teduo.collect import start_episode
-from teduo.core import write_jsonl, read_json
-from teduo.evaluate import summarize, make_episodes
+from teduo.core import write_json, write_jsonl, read_json
+from teduo.evaluate import summarize, make_episodes, run_episodes, load_goals, load_selections, build_agent
 from teduo.figures import fixture_outputs, table1, pct, QUADRANTS, AGENT_NAMES
 from pathlib import Path
 
@@ -92,6 +92,99 @@ def test_make_episodes_refuses_unknown_or_impossible_goals(goal, msg):
     with pytest.raises(ValueError, match=msg): make_episodes(WORLD, 'q', ['go to a key', goal], LAYOUTS, 1, seed=0)
 
 
+def test_goal_files_with_repeated_or_no_goals_are_refused(tmp_path):
+    p = tmp_path/'goals.jsonl'
+    write_jsonl([{'goal': 'find a key', 'instruction': 'go to a key'}, {'goal': 'open a door', 'instruction': 'open a door'},
+                 {'goal': 'find a key', 'instruction': 'go to a key'}], p)
+    with pytest.raises(ValueError, match=rf"{p}: goal 'find a key' is listed 2 times \(1 goals repeated\)"): load_goals(p)
+    p.write_text('\n')
+    with pytest.raises(ValueError, match=rf'{p}: no goals'): load_goals(p)
+    write_jsonl([{'goal': 'find a key', 'instruction': 'go to a key'}, {'goal': 'get a key', 'instruction': 'go to a key'}], p)
+    assert [g.goal for g in load_goals(p)] == ['find a key', 'get a key'], 'paraphrases of one instruction are two goals'
+
+
+@pytest.mark.parametrize('goals,layouts,eps,msg', [
+    (['go to a key', 'open a door', 'go to a key'], LAYOUTS, 2, "quadrant 'q': goal 'go to a key' is listed 2 times"),
+    ([], LAYOUTS, 2, "quadrant 'q': no goals"), (['go to a key'], [], 2, "quadrant 'q': no layouts"),
+    (['go to a key'], LAYOUTS, 0, 'episodes_per_goal: got 0, expected an integer >= 1'),
+    (['go to a key'], LAYOUTS, -1, 'episodes_per_goal: got -1')])
+def test_make_episodes_refuses_repeated_goals_empty_lists_and_no_episodes(goals, layouts, eps, msg):
+    with pytest.raises(ValueError, match=msg): make_episodes(WORLD, 'q', goals, layouts, eps, seed=0)
+
+
+def test_run_episodes_refuses_a_step_limit_below_one():
+    from teduo.agent import RandomAgent
+    specs, _ = make_episodes(WORLD, 'q', ['go to a key'], LAYOUTS, 1, seed=0)
+    with pytest.raises(ValueError, match='max_steps: got 0, expected an integer >= 1'):
+        run_episodes(RandomAgent(0), specs, WORLD, max_steps=0, progress=False)
+
+
+# ---------------------------------------------------------------- step-2 policies against their labels and abstractions
+
+TRAIN = ['go to a key', 'open a door']
+
+
+def _labels(d, tag, goals, abstractions, seed):
+    "Collected data (seeded) labeled by the oracle, saved as a label folder; (folder, labeled goals, data)."
+    from teduo.collect import plan_episodes, collect_episodes, episodes_to_table, save_transitions, load_transitions
+    from teduo.label import hindsight_labels, save_labels, load_labels
+    specs = plan_episodes(30, LAYOUTS, {'bot': 0.7, 'random': 0.3}, seed)
+    save_transitions(episodes_to_table(collect_episodes(WORLD, specs, 24, 0.0, progress=False), WORLD), d/f't{seed}.parquet')
+    data = load_transitions(d/f't{seed}.parquet')
+    out = d/tag
+    save_labels(hindsight_labels(data, goals, [a for a in abstractions if a['goal'] in goals], WORLD.room_size, 'oracle', None, 0, 0), out, 'oracle')
+    return out, load_labels(out), data
+
+
+@pytest.fixture(scope='module')
+def step2(tmp_path_factory):
+    "A policies folder (q_learning_llm) trained on labels of TRAIN, with its abstractions file."
+    from teduo.abstract import make_abstractions
+    from teduo.offline_rl import solve_goals, save_policies
+    d = tmp_path_factory.mktemp('step2')
+    abstractions = make_abstractions(TRAIN + ['pick up a ball'], 'oracle')
+    write_json({'room_size': WORLD.room_size, 'abstractions': abstractions}, d/'abstractions.json')
+    labels, labeled, data = _labels(d, 'labels', TRAIN, abstractions, 0)
+    tables, _ = solve_goals(labeled, data.actions, data.episode, 'q_learning', 'reward')
+    save_policies(tables, labeled, {'algorithm': 'q_learning', 'goals': [lg.info for lg in labeled]}, d/'policies'/'q_learning_llm.parquet')
+    return dict(dir=d, abstractions=abstractions, inputs={'policies': str(d/'policies'), 'labels': str(labels), 'abstractions': str(d/'abstractions.json')})
+
+
+def _tabular(inputs):
+    return build_agent('tabular', {}, WORLD, inputs, {}, load_selections(inputs), 0)
+
+
+def test_tabular_agent_from_matching_policies_labels_and_abstractions(step2):
+    agent = _tabular(step2['inputs'])
+    assert all(agent.knows(g) for g in TRAIN)
+    specs, _ = make_episodes(WORLD, 'q', TRAIN, LAYOUTS, 2, seed=0)
+    log, _ = run_episodes(agent, specs, WORLD, max_steps=16, progress=False)
+    assert len(log) == 4
+
+
+def test_policies_used_with_other_labels_or_abstractions_are_refused(step2):
+    d, inputs = step2['dir'], step2['inputs']
+    pol = d/'policies'/'q_learning_llm.parquet'
+    other_goals, _, _ = _labels(d, 'reordered', TRAIN[::-1], step2['abstractions'], 0)  # the same data, goals in another order
+    with pytest.raises(ValueError, match=rf"{pol} and {other_goals}: goal lists differ \(2 vs 2 goals; goal 0: .*'go to a key'.* vs .*'open a door'"):
+        _tabular({**inputs, 'labels': str(other_goals)})
+    fewer, _, _ = _labels(d, 'fewer', TRAIN[:1], step2['abstractions'], 0)
+    with pytest.raises(ValueError, match=r'goal lists differ \(2 vs 1 goals; goal 1'): _tabular({**inputs, 'labels': str(fewer)})
+    other_data, _, _ = _labels(d, 'other-data', TRAIN, step2['abstractions'], 1)  # same goals, labels of another collect run
+    with pytest.raises(ValueError, match=rf"{pol} and {other_data}: goal 0 \('go to a key'\): the policies' \d+ abstract states differ"):
+        _tabular({**inputs, 'labels': str(other_data)})
+    relabeled = d/'relabeled'; shutil.copytree(inputs['labels'], relabeled)  # same rows, another label run's fields
+    meta = read_json(relabeled/'goals.json'); meta['goals'][1]['n_llm_labels'] += 1; write_json(meta, relabeled/'goals.json')
+    with pytest.raises(ValueError, match=r"goal 1 \('open a door'\): label fields \['n_llm_labels'\] differ"):
+        _tabular({**inputs, 'labels': str(relabeled)})
+    ab = [dict(a, selection=None) if a['goal'] == 'open a door' else a for a in step2['abstractions']]
+    write_json({'room_size': WORLD.room_size, 'abstractions': ab}, d/'other_abstractions.json')
+    with pytest.raises(ValueError, match=rf"{d/'other_abstractions.json'} and {inputs['labels']}: goal 'open a door' has selection None"):
+        _tabular({**inputs, 'abstractions': str(d/'other_abstractions.json')})
+    with pytest.raises(ValueError, match=r"None and .*: goal 'go to a key' has selection None in the abstractions"):
+        _tabular({**inputs, 'abstractions': None})
+
+
 # ---------------------------------------------------------------- notebooks under papermill
 
 @pytest.fixture
@@ -133,6 +226,20 @@ def test_evaluate_notebook_on_a_goal_file(nb_env, tmp_path):
     assert len(summary) == 1 and summary.episodes[0] == 4 and summary.success_rate[0] == pytest.approx(ep.success.mean())
     assert set(pd.read_csv(tmp_path/'eval'/'categories.csv').category) == {'go to', 'open'}
     assert (tmp_path/'eval'/'rollouts.parquet').exists()
+
+
+@pytest.mark.parametrize('bad', ['episodes_per_goal', 'repeated_goal'])
+def test_evaluate_notebook_refuses_zero_counts_and_repeated_goals(nb_env, tmp_path, bad):
+    import papermill as pm
+    goals = [{'goal': 'find a key', 'instruction': 'go to a key'}] * (2 if bad == 'repeated_goal' else 1)
+    write_jsonl(goals, tmp_path/'goals.jsonl')
+    kw = {'episodes_per_goal': 2, 'max_steps': 8}
+    if bad != 'repeated_goal': kw[bad] = 0  # 0 once fell back to the params' value (`x or default`)
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        _run('09_evaluate.ipynb', tmp_path/'09.ipynb', goals_file=str(tmp_path/'goals.jsonl'), layout_seeds=LAYOUTS,
+             agents=['random'], out_dir=str(tmp_path/'eval'), **kw)
+    want = f"{tmp_path/'goals.jsonl'}: goal 'find a key' is listed 2 times" if bad == 'repeated_goal' else f'evaluate.{bad}: got 0'
+    assert want in str(e.value) and not (tmp_path/'eval').exists()
 
 
 def test_figures_notebook_on_fixture_outputs(nb_env, tmp_path):

@@ -12,7 +12,7 @@ from teduo.webshop.collect import (View, behaviour_keywords, collect_trajectorie
 from teduo.webshop.label import label_audit, pick_best, llm_p_yes, load_labels, save_labels, hindsight_rewards, purchases
 from teduo.webshop.sft import remove_loops, filtered_demonstrations, sft_examples
 from teduo.webshop.agent import parse_agent_action, run_episodes, LLMAgent, BehaviourAgent
-from teduo.webshop.evaluate import episode_rows, summarize, results_table
+from teduo.webshop.evaluate import episode_rows, summarize, results_table, episode_plan
 from teduo.core import write_jsonl
 from teduo.llm import ParseError
 
@@ -236,3 +236,15 @@ def test_evaluation_metrics_on_synthetic_logs():
     md = results_table(s)
     assert '| fine-tuned LLM (TEDUO) | 45.0 | 25.0 | 50.0 | 50.0 |' in md
     assert '| data-collection policy (LLM keywords + random clicks) | 20.0 | 0.0 | - | - | 0.0 |' in md
+
+
+@pytest.mark.parametrize('we,msg', [
+    (dict(episodes=dict(train=0, test=2), max_steps=15), r'params.yaml:webshop_evaluate.episodes.train: got 0, expected an integer >= 1'),
+    (dict(episodes=dict(train=2, test=-1), max_steps=15), r'webshop_evaluate.episodes.test: got -1'),
+    (dict(episodes=dict(train=2, test=2), max_steps=0), r'params.yaml:webshop_evaluate.max_steps: got 0, expected an integer >= 1'),
+    (dict(episodes=dict(train=2), max_steps=15), r"webshop_evaluate.episodes: missing keys \['test'\]"),
+    (dict(episodes=dict(train=4, test=2), max_steps=15), r'more than the 3 training / 2 test goals')])
+def test_evaluation_plan_refuses_empty_splits_and_zero_steps(we, msg):
+    train, test = goal_split(20, {'start': 10, 'count': 3}, {'start': 0, 'count': 2})
+    assert episode_plan(dict(episodes=dict(train=3, test=1), max_steps=15), train, test) == {'train': [10, 11, 12], 'test': [0]}
+    with pytest.raises(ValueError, match=msg): episode_plan(we, train, test)

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core import atomic_path, check_keys, resolve, write_json, write_text, StageTimer
+from ..core import atomic_path, check_keys, check_positive, resolve, write_json, write_text, StageTimer
 from ..llm import LLM, LLMConfig
 from .env import Shop
 from .collect import View, goal_split, behaviour_keywords
 from .agent import LLMAgent, BehaviourAgent, run_episodes
 
 # %% auto #0
-__all__ = ['POLICIES', 'episode_rows', 'summarize', 'results_table', 'tuned_config', 'make_agent']
+__all__ = ['POLICIES', 'episode_rows', 'summarize', 'results_table', 'tuned_config', 'make_agent', 'episode_plan']
 
 # %% ../../nbs/29_webshop_evaluate.ipynb #00dea032
 POLICIES = {'behaviour': 'data-collection policy (LLM keywords + random clicks)',
@@ -77,3 +77,16 @@ def make_agent(name:str, instructions:dict[int, str], base_llm:LLM|None, tuned_l
     if name == 'zero_shot': return LLMAgent(base_llm, 'react', mnt['react'], view, rt, seed)
     if name == 'zero_shot_plain': return LLMAgent(base_llm, 'plain', mnt['plain'], view, rt, seed)
     return LLMAgent(tuned_llm, 'plain', mnt['plain'], view, rt, seed)
+
+# %% ../../nbs/29_webshop_evaluate.ipynb #7e5ef15d
+def episode_plan(evaluate:dict, # params webshop_evaluate
+                 train_ids:np.ndarray, test_ids:np.ndarray, # the goals of each split (`goal_split`)
+                )->dict[str, list[int]]: # {'train': the first episodes.train training goals, 'test': ...}
+    "The goals each split evaluates; a clear error for a count or `max_steps` below 1, or more episodes than goals."
+    where = 'params.yaml:webshop_evaluate'
+    check_keys(evaluate['episodes'], ['train', 'test'], f'{where}.episodes')
+    check_positive(evaluate['max_steps'], f'{where}.max_steps')
+    n = {k: check_positive(evaluate['episodes'][k], f'{where}.episodes.{k}') for k in ('train', 'test')}
+    if n['train'] > len(train_ids) or n['test'] > len(test_ids):
+        raise ValueError(f"{where}.episodes {evaluate['episodes']}: more than the {len(train_ids)} training / {len(test_ids)} test goals")
+    return {'train': train_ids[:n['train']].tolist(), 'test': test_ids[:n['test']].tolist()}
