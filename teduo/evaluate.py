@@ -24,7 +24,7 @@ from .llm import LLM, LLMConfig
 
 # %% auto #0
 __all__ = ['EpisodeSpec', 'unique_goals', 'load_goals', 'make_episodes', 'run_episodes', 'summarize', 'load_selections',
-           'check_policies', 'build_agent', 'goal_selections']
+           'check_policies', 'NotRun', 'build_agent', 'goal_selections']
 
 # %% ../nbs/09_evaluate.ipynb #cb4a502e
 @dataclass
@@ -141,6 +141,9 @@ def check_policies(policies:str|Path, # a policies file of the offline_rl stage
             raise ValueError(f"{abstractions} and {labels}: goal {lg.goal.goal!r} has selection {selections.get(lg.goal.goal)!r} "
                              f"in the abstractions, {lg.info.get('selection')!r} in the labels; expected the same")
 
+class NotRun(Exception):
+    "An agent that cannot be evaluated for a reason of the run (e.g. nothing to fine-tune on): reported, not a crash."
+
 def build_agent(name:str, base:dict, world:World, inputs:dict, ev:dict, selections:dict, seed:int,
                 cache=None)->Agent:
     "An agent of the comparison, by name."
@@ -148,7 +151,9 @@ def build_agent(name:str, base:dict, world:World, inputs:dict, ev:dict, selectio
     if name in ('teduo', 'llm_zero_shot', 'llm_in_context'):
         cfg = dict(base['llm']['policy'])
         if name == 'teduo':
+            from teduo.finetune import adapter_status
             if not inputs.get('adapter') or not resolve(inputs['adapter']).exists(): raise FileNotFoundError(f"no adapter at {inputs.get('adapter')} (run `dvc repro finetune`)")
+            if why := adapter_status(inputs['adapter']): raise NotRun(why)
             cfg['adapter'] = str(inputs['adapter'])
         llm = LLM(LLMConfig.from_params(cfg, 'params.yaml:base.llm.policy'), cache)
         cot = ev.get('cot', False) and name == 'llm_in_context'

@@ -47,13 +47,15 @@ def markdown_table(df:pd.DataFrame)->str:
     return '\n'.join(lines) + '\n'
 
 # %% ../nbs/10_figures.ipynb #fe229eb5
-def table1(summary:pd.DataFrame)->pd.DataFrame:
-    "Agents (rows) x quadrants (columns): 'success ± se' in percent."
+def table1(summary:pd.DataFrame, not_run:dict|None=None)->pd.DataFrame:
+    "Agents (rows) x quadrants (columns): 'success ± se' in percent; agents in `not_run` get a row saying so."
     qs = [q for q in QUADRANTS if q in set(summary.quadrant)] or sorted(summary.quadrant.unique())
     rows = []
     for a in [a for a in AGENT_NAMES if a in set(summary.agent)] + sorted(set(summary.agent) - set(AGENT_NAMES)):
         s = summary[summary.agent == a].set_index('quadrant')
         rows.append({'agent': AGENT_NAMES.get(a, a), **{q: pct(s.success_rate.get(q), s.success_se.get(q)) if q in s.index else 'n/a' for q in qs}})
+    rows += [{'agent': AGENT_NAMES.get(a, a), **{q: f"not run ({why})" if i == 0 else 'not run' for i, q in enumerate(qs)}}
+             for a, why in (not_run or {}).items()]
     return pd.DataFrame(rows)
 
 def plot_table1(summary:pd.DataFrame):

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 from fastcore.script import call_parse
 
-from .core import atomic_path, check_keys, load_params, resolve, seed_everything, write_json, StageTimer
+from .core import atomic_path, check_keys, load_params, read_json, resolve, seed_everything, write_json, StageTimer
 from .llm import LLMConfig, load_hf, model_fingerprint
 
 # %% auto #0
-__all__ = ['FINETUNE_KEYS', 'answer_loss', 'answer_loss_trainer', 'file_hash', 'sort_adapter_config', 'finetune_lora',
-           'completion_mask_of', 'main']
+__all__ = ['FINETUNE_KEYS', 'answer_loss', 'answer_loss_trainer', 'file_hash', 'sort_adapter_config', 'NoTrainingData',
+           'write_untrained', 'adapter_status', 'finetune_lora', 'completion_mask_of', 'main']
 
 # %% ../nbs/07_finetune.ipynb #67c8aafd
 def answer_loss(model, inputs:dict, num_items_in_batch=None):
@@ -58,6 +58,26 @@ def sort_adapter_config(d:Path):
         if isinstance(cfg.get(k), list): cfg[k] = sorted(cfg[k])
     f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + '\n')
 
+class NoTrainingData(ValueError):
+    "Step 2 gave nothing to train on (no plan, no goal passed the filter): an outcome of a weak model, not a bug."
+
+def write_untrained(out_dir:str|Path, # the adapter folder the stage declares
+                    reason:str, # why nothing was trained (shown in the tables)
+                    curves_path:str|Path|None=None)->dict:
+    "The stage's outcome without training data: an adapter folder holding only `teduo_meta.json` (trained: false)."
+    summary = {'trained': False, 'reason': reason, 'train_examples': 0}
+    with atomic_path(resolve(out_dir)) as tmp:
+        Path(tmp).mkdir(parents=True); write_json(summary, Path(tmp)/'teduo_meta.json')
+    if curves_path: write_json({'train': [], 'validation': []}, resolve(curves_path))
+    return summary
+
+def adapter_status(d:str|Path|None)->str|None:
+    "None if `d` holds a trained adapter, else why not (a sentence for a table row)."
+    if d is None or not resolve(d).is_dir(): return f"no adapter folder at {d}"
+    if (resolve(d)/'adapter_config.json').exists(): return None
+    meta = resolve(d)/'teduo_meta.json'
+    return f"not trained: {read_json(meta).get('reason', '?')}" if meta.exists() else f"{d}: no adapter_config.json"
+
 def finetune_lora(train_path:str|Path, # prompt-completion JSONL
                   val_path:str|Path|None, # same format; None: no validation (the last step is kept)
                   base:LLMConfig, # the policy LLM to adapt (transformers backend)
@@ -73,11 +93,11 @@ def finetune_lora(train_path:str|Path, # prompt-completion JSONL
     seed_everything(seed)
     nonempty = lambda p: Path(resolve(p)).exists() and Path(resolve(p)).stat().st_size > 0
     no_examples = f"{train_path}: no training examples (did step 2 produce any plans?)"
-    if not nonempty(train_path): raise ValueError(no_examples)  # (the json loader fails on an empty file)
+    if not nonempty(train_path): raise NoTrainingData(no_examples)  # (the json loader fails on an empty file)
     files = {'train': str(resolve(train_path))} | ({'validation': str(resolve(val_path))} if val_path and nonempty(val_path) else {})
     ds = datasets.load_dataset('json', data_files=files)
     ds = ds.select_columns(['prompt', 'completion'])
-    if len(ds['train']) == 0: raise ValueError(no_examples)
+    if len(ds['train']) == 0: raise NoTrainingData(no_examples)
     has_val = 'validation' in ds and len(ds['validation']) > 0
     tok, lm = load_hf(base.model, 'float32', base.device if base.device != 'auto' else 'cpu')
     tok.padding_side = 'right'
@@ -107,7 +127,7 @@ def finetune_lora(train_path:str|Path, # prompt-completion JSONL
                             + [{'step': h['step'], 'loss': h['eval_loss']} for h in hist if 'eval_loss' in h]}
     best = min((c['loss'] for c in curves['validation']), default=None)
     n_tokens = int(sum(len(tok.apply_chat_template(r['prompt'] + r['completion'], tokenize=True, return_dict=False)) for r in ds['train']))
-    summary = {'base_model': base.model, 'base_fingerprint': model_fingerprint(base), 'params': {k: cfg[k] for k in FINETUNE_KEYS},
+    summary = {'trained': True, 'base_model': base.model, 'base_fingerprint': model_fingerprint(base), 'params': {k: cfg[k] for k in FINETUNE_KEYS},
                'seed': seed, 'data_sha256': file_hash(*[p for p in (train_path, val_path) if p]),
                'train_examples': len(ds['train']), 'validation_examples': len(ds['validation']) if has_val else 0,
                'steps': trainer.state.global_step, 'epochs': round(float(trainer.state.epoch or 0), 3),
@@ -137,5 +157,6 @@ def main(params:str='params.yaml', # params file with base.llm.policy, sft_data 
     p = load_params('base', 'sft_data', 'finetune', path=params)
     ft, sd = p['finetune'], p['sft_data']
     out = Path(resolve(sd['out_dir']))
-    print(finetune_lora(out/'train.jsonl', out/'validation.jsonl', LLMConfig.from_params(p['base']['llm']['policy']),
-                        ft, ft['out_dir'], ft['curves'], p['base']['seed']))
+    try: print(finetune_lora(out/'train.jsonl', out/'validation.jsonl', LLMConfig.from_params(p['base']['llm']['policy']),
+                             ft, ft['out_dir'], ft['curves'], p['base']['seed']))
+    except NoTrainingData as e: print(write_untrained(ft['out_dir'], str(e), ft['curves']))

@@ -41,8 +41,8 @@ def summarize(df:pd.DataFrame)->dict: # {policy: {split: metrics}}
             'bought_rate': round(100 * float(g.bought.mean()), 2), 'mean_steps': round(float(g.steps.mean()), 3)}
     return out
 
-def results_table(summary:dict)->str:
-    "The paper's B.1/B.2-style markdown table."
+def results_table(summary:dict, not_run:dict|None=None)->str:
+    "The paper's B.1/B.2-style markdown table; `not_run` policies get a row saying why."
     head = ('| policy | train score | train SR | test score | test SR | invalid actions % |\n'
             '|---|---|---|---|---|---|\n')
     rows = []
@@ -50,6 +50,7 @@ def results_table(summary:dict)->str:
         cell = lambda split, k: f"{s[split][k]:.1f}" if split in s else '-'
         rows.append(f"| {POLICIES.get(pol, pol)} | {cell('train', 'score')} | {cell('train', 'success_rate')} | "
                     f"{cell('test', 'score')} | {cell('test', 'success_rate')} | {cell('all', 'invalid_rate')} |")
+    rows += [f"| {POLICIES.get(pol, pol)} | not run: {why} | | | | |" for pol, why in (not_run or {}).items()]
     n = {sp: max((s[sp]['episodes'] for s in summary.values() if sp in s), default=0) for sp in ('train', 'test')}
     return head + '\n'.join(rows) + f"\n\nScore: mean reward x 100; SR: success rate (reward = 1) in %; {n['train']} training and {n['test']} test episodes per policy.\n"
 
