@@ -320,3 +320,18 @@ def test_unique_rows_round_trip():
     a = np.array([[1, 2], [3, 4], [1, 2], [0, 0]], np.uint8)
     u, inv = unique_rows(a)
     assert len(u) == 3 and np.array_equal(u[inv], a)
+
+
+@pytest.mark.parametrize('mode', ['constrained', 'generate'])
+def test_llm_abstractions_do_not_depend_on_threads_or_batch_size(tiny_llama, mode):
+    "A real (tiny, random) transformer choosing abstractions: 1 vs 2 threads and batches of 4 vs 16 give the same answers."
+    import torch
+    from teduo.llm import LLM, LLMConfig
+    n = torch.get_num_threads()
+    goals = ['go to the red ball', 'put the blue box next to the grey ball', 'go to the tile (3, 2)']
+    run = lambda bs, th: make_abstractions(goals, 'llm', LLM(LLMConfig(str(tiny_llama), dtype='float32', batch_size=bs, threads=th), None),
+                                           mode=mode, **({'max_new_tokens': 12, 'retries': 0} if mode == 'generate' else {}))
+    try:
+        ref = run(16, 2)
+        for bs, th in ((16, 1), (4, 2)): assert run(bs, th) == ref, f"abstractions changed with batch {bs}, threads {th}"
+    finally: torch.set_num_threads(n)
