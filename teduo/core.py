@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 
 # %% auto #0
-__all__ = ['repo_root', 'resolve', 'load_params', 'check_keys', 'stable_seed', 'rng', 'seed_everything', 'atomic_path',
+__all__ = ['repo_root', 'resolve', 'load_params', 'check_keys', 'or_list', 'stable_seed', 'rng', 'seed_everything', 'atomic_path',
            'write_text', 'dumps', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl', 'wilson_interval',
            'cluster_bootstrap_interval', 'paired_test', 'StageTimer']
 
@@ -55,6 +55,12 @@ def check_keys(d:dict, # a params section
         raise ValueError(f"{where}: missing keys {sorted(miss)}, unknown keys {sorted(extra)}; "
                          f"expected {sorted(required)} (optional {sorted(optional)})")
     return d
+
+def or_list(xs:Iterable, # the allowed values, e.g. a module's tuple of choices
+           )->str: # 'a, b or c'
+    "The allowed values of a choice, for an error message."
+    xs = [str(x) for x in xs]
+    return ' or '.join([', '.join(xs[:-1]), xs[-1]]) if len(xs) > 1 else ''.join(xs)
 
 # %% ../nbs/00_core.ipynb #cd87c254
 def _key_int(k)->int:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .core import atomic_path, read_json, read_jsonl, resolve, rng, stable_seed, write_json, StageTimer
+from .core import atomic_path, or_list, read_json, read_jsonl, resolve, rng, stable_seed, write_json, StageTimer
 from .babyai import (World, Goal, layout_seeds as _layout_seeds, reset_layout, encode_state, achieved, goal_feasible,
                           ACTIONS, parse_instruction)
 from .collect import start_episode
@@ -22,7 +22,8 @@ from .agent import Agent, RandomAgent, TabularAgent, LLMAgent, NOOP
 from .llm import LLM, LLMConfig
 
 # %% auto #0
-__all__ = ['EpisodeSpec', 'make_episodes', 'run_episodes', 'summarize', 'load_selections', 'build_agent', 'goal_selections']
+__all__ = ['AGENTS', 'AGENT_POLICIES', 'EpisodeSpec', 'make_episodes', 'run_episodes', 'summarize', 'load_selections',
+           'build_agent', 'goal_selections']
 
 # %% ../nbs/09_evaluate.ipynb #cb4a502e
 @dataclass
@@ -98,6 +99,9 @@ def load_selections(inputs:dict)->dict:
     if not inputs.get('abstractions') or not resolve(inputs['abstractions']).exists(): return {}
     return {a['goal']: a['selection'] for a in read_json(resolve(inputs['abstractions']))['abstractions']}
 
+AGENTS = ('random', 'teduo', 'llm_zero_shot', 'llm_in_context', 'tabular', 'tabular_oracle', 'dqn', 'gcbc', 'il') # the comparison
+AGENT_POLICIES = {'tabular': 'q_learning_llm', 'tabular_oracle': 'q_learning_oracle', 'dqn': 'dqn_llm'} # step-2 policy files
+
 def build_agent(name:str, base:dict, world:World, inputs:dict, ev:dict, selections:dict, seed:int,
                 cache=None)->Agent:
     "An agent of the comparison, by name."
@@ -113,17 +117,16 @@ def build_agent(name:str, base:dict, world:World, inputs:dict, ev:dict, selectio
                         cot=cot, replan_every=ev.get('replan_every', 1),
                         max_new_tokens=ev.get('max_new_tokens', 24) * (4 if cot else 1), temperature=ev.get('temperature', 0.0),
                         seed=seed, name=name)
-    if name in ('tabular', 'tabular_oracle', 'dqn'):
+    if name in AGENT_POLICIES:
         from teduo.offline_rl import load_policies
         from teduo.label import load_labels
-        f = {'tabular': 'q_learning_llm', 'tabular_oracle': 'q_learning_oracle', 'dqn': 'dqn_llm'}[name]
-        tables, meta = load_policies(Path(resolve(inputs['policies']))/f"{f}.parquet")
+        tables, meta = load_policies(Path(resolve(inputs['policies']))/f"{AGENT_POLICIES[name]}.parquet")
         labeled = load_labels(inputs['labels'])
         return TabularAgent(tables, [lg.states for lg in labeled], [lg.goal for lg in labeled], selections, world.room_size, seed, name=name)
     if name in ('gcbc', 'il'):
         from teduo.baselines import load_baseline
         return load_baseline(Path(resolve(inputs['baselines']))/f"{name}.pt", selections, world, seed)
-    raise ValueError(f"unknown agent {name!r}; known: random, teduo, llm_zero_shot, llm_in_context, tabular, tabular_oracle, dqn, gcbc, il")
+    raise ValueError(f"unknown agent {name!r}; known: {or_list(AGENTS)}")
 
 def goal_selections(goals:list, known:dict, base:dict, cache=None)->dict:
     "Selections for goals the abstract stage did not see (test goals), from the abstraction LLM (cached)."
