@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import check_keys, read_json, read_jsonl, resolve, write_json, StageTimer
+from .core import check_keys, or_list, read_json, read_jsonl, resolve, write_json, StageTimer
 from .babyai import (World, Goal, COLORS, OBJECT_TYPES, TYPE_IDX, COLOR_IDX, EMPTY, WALL, DOOR, DIRECTIONS, DIR_TO_VEC,
                           batch_fields, _match, parse_instruction, GoToTileInstr, GoToInstr, PickupInstr, OpenInstr,
                           PutNextInstr)
@@ -18,10 +18,10 @@ from .llm import LLM, LLMConfig, Unparseable, parse_json_answer, ParseError
 
 # %% auto #0
 __all__ = ['SELECTION_SCHEMA', 'HIDDEN', 'FLOOR', 'WALLC', 'OBSTACLE', 'DOORC', 'GOAL_OBJECT', 'GOAL_LOCATION', 'CATEGORY_NAMES',
-           'CARRIED_NAMES', 'KEY_', 'BALL_', 'BOX_', 'ABSTRACTION_SYSTEM', 'ABSTRACTION_EXAMPLES', 'selection_schema',
-           'oracle_selection', 'canonical_selection', 'abstract_len', 'abstract_states', 'abstract_text',
-           'abstraction_chat', 'llm_selections', 'constrained_selections', 'make_abstractions', 'unique_rows',
-           'abstraction_report']
+           'CARRIED_NAMES', 'KEY_', 'BALL_', 'BOX_', 'ABSTRACTION_SYSTEM', 'ABSTRACTION_EXAMPLES',
+           'ABSTRACTION_SOURCES', 'ABSTRACTION_MODES', 'selection_schema', 'oracle_selection', 'canonical_selection',
+           'abstract_len', 'abstract_states', 'abstract_text', 'abstraction_chat', 'llm_selections',
+           'constrained_selections', 'make_abstractions', 'unique_rows', 'abstraction_report']
 
 # %% ../nbs/03_abstract.ipynb #4819386c
 _DESC_SCHEMA = {'type': 'object', 'additionalProperties': False, 'required': ['type'],
@@ -234,13 +234,15 @@ def constrained_selections(goals:list, # goal records (the LLM sees `goal`)
                     'source': 'llm', 'answer': t, 'error': None})
     return out
 
+ABSTRACTION_SOURCES = ('llm', 'oracle', 'none') # TEDUO, the perfect abstraction (ablation), full states (ablation)
+ABSTRACTION_MODES = ('constrained', 'generate') # how the LLM answers: value by value by log-prob, or free JSON
+
 def make_abstractions(goals:list, source:str, llm:LLM|None=None, mode:str='constrained', **kw)->list[dict]:
     "Per-goal abstractions from 'llm' (mode 'constrained' or 'generate'), 'oracle' (from the instruction) or 'none'."
+    if source not in ABSTRACTION_SOURCES: raise ValueError(f"params abstract.source: {source!r}, expected {or_list(ABSTRACTION_SOURCES)}")
     if source == 'llm':
-        if mode == 'constrained': return constrained_selections(goals, llm)
-        if mode == 'generate': return llm_selections(goals, llm, **kw)
-        raise ValueError(f"params abstract.mode: {mode!r}, expected constrained or generate")
-    if source not in ('oracle', 'none'): raise ValueError(f"params abstract.source: {source!r}, expected llm, oracle or none")
+        if mode not in ABSTRACTION_MODES: raise ValueError(f"params abstract.mode: {mode!r}, expected {or_list(ABSTRACTION_MODES)}")
+        return constrained_selections(goals, llm) if mode == 'constrained' else llm_selections(goals, llm, **kw)
     return [{'goal': Goal.of(g).goal, 'instruction': Goal.of(g).instruction, 'answer': None, 'error': None,
              'selection': canonical_selection(oracle_selection(g)) if source == 'oracle' else None, 'source': source} for g in goals]
 

@@ -21,16 +21,33 @@ from .core import resolve, read_json, read_jsonl, write_jsonl, rng, check_keys
 
 # %% auto #0
 __all__ = ['ACTIONS', 'DIRECTIONS', 'COLORS', 'OBJECT_TYPES', 'EMPTY', 'WALL', 'DOOR', 'KEY', 'BALL', 'BOX', 'TYPE_IDX',
-           'COLOR_IDX', 'CATEGORY', 'World', 'quiet', 'reset_layout', 'layout_seeds', 'check_disjoint_layouts',
-           'state_len', 'encode_state', 'StateView', 'batch_fields', 'restore_state', 'object_name', 'state_text',
-           'render_state', 'GoToTileInstr', 'parse_instruction', 'instruction_kind', 'Goal', 'achieved_batch',
-           'achieved', 'goal_feasible', 'synthetic_instructions', 'load_synonyms', 'paraphrase', 'make_goal_lists']
+           'COLOR_IDX', 'CATEGORY', 'max_distractors', 'layout_problems', 'World', 'quiet', 'reset_layout',
+           'layout_seeds', 'check_disjoint_layouts', 'state_len', 'encode_state', 'StateView', 'batch_fields',
+           'restore_state', 'object_name', 'state_text', 'render_state', 'GoToTileInstr', 'parse_instruction',
+           'instruction_kind', 'Goal', 'achieved_batch', 'achieved', 'goal_feasible', 'synthetic_instructions',
+           'load_synonyms', 'paraphrase', 'make_goal_lists']
 
 # %% ../nbs/01_babyai.ipynb #84978d48
 ACTIONS = ['turn left', 'turn right', 'move forward', 'pick up', 'drop', 'toggle', 'done'] # minigrid's 0..6
 DIRECTIONS = ['east', 'south', 'west', 'north'] # minigrid agent_dir 0..3 (x grows east, y grows south)
 COLORS = ['red', 'green', 'blue', 'purple', 'yellow', 'grey'] # minigrid COLOR_TO_IDX order
 OBJECT_TYPES = ['ball', 'box', 'key', 'door'] # what the instruction language can name
+
+def max_distractors(room_size:int, num_rows:int, num_cols:int)->int: # the most distractors `World` accepts
+    "One distractor per 5 floor tiles (room interiors): beyond it minigrid's level generator can loop forever."
+    return num_rows * num_cols * (room_size - 2)**2 // 5
+
+def layout_problems(room_size:int, num_rows:int, num_cols:int, num_dists:int, locked_room_prob:float,
+                    **_)->dict[str, str]: # {field: why minigrid would never finish generating a level}
+    "What makes minigrid's level generator retry forever instead of failing."
+    out, cap = {}, max_distractors(room_size, num_rows, num_cols)
+    if num_dists > cap:
+        out['num_dists'] = (f"{num_dists} distractors, at most {cap} fit {num_rows}x{num_cols} rooms of size {room_size} "
+                            "(one per 5 floor tiles; more make minigrid's level generation loop forever)")
+    if locked_room_prob > 0 and num_rows * num_cols < 2:
+        out['locked_room_prob'] = (f"{locked_room_prob} with a single room: a locked room needs an inner wall to lock "
+                                   "(minigrid searches for one forever); use 0")
+    return out
 
 @dataclass(frozen=True)
 class World:
@@ -42,6 +59,13 @@ class World:
     max_steps:int=64 # episode step limit
     locked_room_prob:float=0.5 # chance that one room is behind a locked door
 
+    def __post_init__(self):
+        "Refuse a world whose levels minigrid would never finish generating (it retries instead of failing)."
+        if self.room_size < 4 or self.num_rows < 1 or self.num_cols < 1 or self.num_dists < 1 or self.max_steps < 1:
+            raise ValueError(f"room_size >= 4 and positive counts expected, got {asdict(self)}")
+        if not 0 <= self.locked_room_prob <= 1: raise ValueError(f"locked_room_prob {self.locked_room_prob}: expected a probability in [0, 1]")
+        if bad := layout_problems(**asdict(self)): raise ValueError('; '.join(f"{k}: {v}" for k, v in bad.items()))
+
     @property
     def width(self)->int: return (self.room_size - 1)*self.num_cols + 1
     @property
@@ -52,10 +76,8 @@ class World:
         keys = {k: p[k] for k in cls.__dataclass_fields__ if k in p}
         missing = set(cls.__dataclass_fields__) - set(keys)
         if missing: raise ValueError(f"{where}: missing {sorted(missing)}")
-        w = cls(**keys)
-        if w.room_size < 4 or w.num_rows < 1 or w.num_cols < 1 or w.num_dists < 1 or w.max_steps < 1:
-            raise ValueError(f"{where}: room_size >= 4 and positive counts expected, got {keys}")
-        return w
+        try: return cls(**keys)
+        except ValueError as e: raise ValueError(f"{where}: {e}") from None
 
     def make_env(self, render_mode:str|None=None)->Synth:
         "A fresh, unwrapped Synth environment for this world (call `reset(seed=...)` before use)."

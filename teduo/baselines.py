@@ -12,8 +12,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import atomic_path, read_jsonl, resolve, rng, seed_everything, write_json, StageTimer
+from .core import atomic_path, or_list, read_jsonl, resolve, rng, seed_everything, write_json, StageTimer
 from .babyai import World, Goal, ACTIONS, batch_fields
+from .label import REWARD_KEYS
 from .abstract import abstract_states
 from .agent import Agent
 
@@ -115,10 +116,11 @@ def il_data(sft_rows:list[dict], labeled)->tuple[np.ndarray, list[str], np.ndarr
 
 def gcbc_data(data, labeled, labels:str, max_examples:int, seed:int)->tuple[np.ndarray, list[str], np.ndarray]:
     "(full states, goal texts, actions) from hindsight relabeling of the raw trajectories."
+    if labels not in REWARD_KEYS: raise ValueError(f"params baselines.gcbc.labels: {labels!r}, expected {or_list(REWARD_KEYS)}")
     starts = np.r_[0, np.flatnonzero(np.diff(data.episode)) + 1]; ends = np.r_[starts[1:], len(data)]
     idx, gtxt = [], []
     for lg in labeled:
-        hit = (lg.reward if labels == 'llm' else lg.reward_oracle)[lg.s2]
+        hit = getattr(lg, REWARD_KEYS[labels])[lg.s2]
         for b, e in zip(starts, ends):
             k = np.flatnonzero(hit[b:e])
             if len(k): idx += list(range(b, b + k[0] + 1)); gtxt += [lg.goal.goal]*(k[0] + 1)

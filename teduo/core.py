@@ -12,9 +12,9 @@ import numpy as np
 import yaml
 
 # %% auto #0
-__all__ = ['repo_root', 'resolve', 'load_params', 'check_keys', 'check_positive', 'stable_seed', 'rng', 'seed_everything',
-           'atomic_path', 'write_text', 'dumps', 'write_json', 'read_json', 'write_jsonl', 'read_jsonl',
-           'wilson_interval', 'cluster_bootstrap_interval', 'paired_test', 'StageTimer']
+__all__ = ['repo_root', 'resolve', 'load_params', 'check_keys', 'check_positive', 'or_list', 'stable_seed', 'rng',
+           'seed_everything', 'atomic_path', 'write_text', 'dumps', 'write_json', 'read_json', 'write_jsonl',
+           'read_jsonl', 'wilson_interval', 'cluster_bootstrap_interval', 'paired_test', 'StageTimer']
 
 # %% ../nbs/00_core.ipynb #dc165d9f
 def repo_root(start:str|Path|None=None, # where to start looking (default: cwd, then this file)
@@ -63,6 +63,12 @@ def check_positive(value, # a count or limit from params
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{where}: got {value!r}, expected an integer >= 1")
     return int(value)
+
+def or_list(xs:Iterable, # the allowed values, e.g. a module's tuple of choices
+           )->str: # 'a, b or c'
+    "The allowed values of a choice, for an error message."
+    xs = [str(x) for x in xs]
+    return ' or '.join([', '.join(xs[:-1]), xs[-1]]) if len(xs) > 1 else ''.join(xs)
 
 # %% ../nbs/00_core.ipynb #cd87c254
 def _key_int(k)->int:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .core import atomic_path, check_positive, read_json, read_jsonl, resolve, rng, stable_seed, write_json, StageTimer
+from .core import atomic_path, check_positive, or_list, read_json, read_jsonl, resolve, rng, stable_seed, write_json, StageTimer
 from .babyai import (World, Goal, layout_seeds as _layout_seeds, reset_layout, encode_state, achieved, goal_feasible,
                           ACTIONS, parse_instruction)
 from .collect import start_episode
@@ -23,8 +23,8 @@ from .agent import Agent, RandomAgent, TabularAgent, LLMAgent, NOOP
 from .llm import LLM, LLMConfig
 
 # %% auto #0
-__all__ = ['EpisodeSpec', 'unique_goals', 'load_goals', 'make_episodes', 'run_episodes', 'summarize', 'load_selections',
-           'check_policies', 'NotRun', 'build_agent', 'goal_selections']
+__all__ = ['AGENTS', 'AGENT_POLICIES', 'EpisodeSpec', 'unique_goals', 'load_goals', 'make_episodes', 'run_episodes', 'summarize',
+           'load_selections', 'check_policies', 'NotRun', 'build_agent', 'goal_selections']
 
 # %% ../nbs/09_evaluate.ipynb #cb4a502e
 @dataclass
@@ -141,6 +141,9 @@ def check_policies(policies:str|Path, # a policies file of the offline_rl stage
             raise ValueError(f"{abstractions} and {labels}: goal {lg.goal.goal!r} has selection {selections.get(lg.goal.goal)!r} "
                              f"in the abstractions, {lg.info.get('selection')!r} in the labels; expected the same")
 
+AGENTS = ('random', 'teduo', 'llm_zero_shot', 'llm_in_context', 'tabular', 'tabular_oracle', 'dqn', 'gcbc', 'il') # the comparison
+AGENT_POLICIES = {'tabular': 'q_learning_llm', 'tabular_oracle': 'q_learning_oracle', 'dqn': 'dqn_llm'} # step-2 policy files
+
 class NotRun(Exception):
     "An agent that cannot be evaluated for a reason of the run (e.g. nothing to fine-tune on): reported, not a crash."
 
@@ -161,11 +164,10 @@ def build_agent(name:str, base:dict, world:World, inputs:dict, ev:dict, selectio
                         cot=cot, replan_every=ev.get('replan_every', 1),
                         max_new_tokens=ev.get('max_new_tokens', 24) * (4 if cot else 1), temperature=ev.get('temperature', 0.0),
                         seed=seed, name=name)
-    if name in ('tabular', 'tabular_oracle', 'dqn'):
+    if name in AGENT_POLICIES:
         from teduo.offline_rl import load_policies
         from teduo.label import load_labels
-        f = {'tabular': 'q_learning_llm', 'tabular_oracle': 'q_learning_oracle', 'dqn': 'dqn_llm'}[name]
-        p = Path(resolve(inputs['policies']))/f"{f}.parquet"
+        p = Path(resolve(inputs['policies']))/f"{AGENT_POLICIES[name]}.parquet"
         tables, meta = load_policies(p)
         labeled = load_labels(inputs['labels'])
         check_policies(p, inputs['labels'], inputs.get('abstractions'), meta, labeled, selections)
@@ -173,7 +175,7 @@ def build_agent(name:str, base:dict, world:World, inputs:dict, ev:dict, selectio
     if name in ('gcbc', 'il'):
         from teduo.baselines import load_baseline
         return load_baseline(Path(resolve(inputs['baselines']))/f"{name}.pt", selections, world, seed)
-    raise ValueError(f"unknown agent {name!r}; known: random, teduo, llm_zero_shot, llm_in_context, tabular, tabular_oracle, dqn, gcbc, il")
+    raise ValueError(f"unknown agent {name!r}; known: {or_list(AGENTS)}")
 
 def goal_selections(goals:list, known:dict, base:dict, cache=None)->dict:
     "Selections for goals the abstract stage did not see (test goals), from the abstraction LLM (cached)."

@@ -152,7 +152,7 @@ def notebook_durations(dvc_yaml:str|Path='dvc.yaml')->dict:
     import yaml
     out = {}
     for name, st in yaml.safe_load(Path(resolve(dvc_yaml)).read_text())['stages'].items():
-        nb = Path(resolve(st['cmd'].split()[2]))
+        cmd = st['cmd'].split(); nb = Path(resolve(cmd[cmd.index('papermill') + 2]))  # papermill IN OUT
         if name != 'figures' and nb.exists():
             d = json.loads(nb.read_text())['metadata'].get('papermill', {}).get('duration')
             if d is not None: out[name] = round(float(d), 3)

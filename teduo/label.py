@@ -14,17 +14,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .core import atomic_path, check_keys, read_json, read_jsonl, resolve, rng, write_json, StageTimer
+from .core import atomic_path, check_keys, or_list, read_json, read_jsonl, resolve, rng, write_json, StageTimer
 from .babyai import World, Goal, achieved_batch, state_text, batch_fields, DIR_TO_VEC
 from .abstract import (abstract_states, abstract_text, unique_rows, make_abstractions, canonical_selection,
                             oracle_selection, GOAL_OBJECT, GOAL_LOCATION, HIDDEN)
 from .llm import LLM, LLMConfig, Unparseable, parse_choice, ParseError
 
 # %% auto #0
-__all__ = ['JUDGE_SYSTEM', 'GoalMDPData', 'goal_view', 'describe', 'relevant_features', 'select_for_llm', 'judge_chat',
-           'calibrated_p_yes', 'llm_judgements', 'state_encoding', 'RewardModel', 'pick_threshold', 'fit_reward_model',
-           'stable_int', 'binary_scores', 'GoalLabels', 'hindsight_labels', 'audit', 'save_labels', 'LabeledGoal',
-           'load_labels', 'plot_label_audit']
+__all__ = ['JUDGE_SYSTEM', 'LABELERS', 'CALIBRATIONS', 'REWARD_KEYS', 'GoalMDPData', 'goal_view', 'describe', 'relevant_features',
+           'select_for_llm', 'judge_chat', 'calibrated_p_yes', 'llm_judgements', 'state_encoding', 'RewardModel',
+           'pick_threshold', 'fit_reward_model', 'stable_int', 'binary_scores', 'GoalLabels', 'hindsight_labels',
+           'audit', 'save_labels', 'LabeledGoal', 'load_labels', 'plot_label_audit']
 
 # %% ../nbs/04_label.ipynb #a453ff58
 @dataclass
@@ -223,12 +223,15 @@ class GoalLabels:
     reward_oracle:np.ndarray # (S,) bool: ground truth (majority over the full states)
     info:dict
 
+LABELERS = ('llm', 'oracle') # TEDUO's LLM judge with reward approximators, or the ground truth (upper bound)
+CALIBRATIONS = ('contextual', 'prior', 'none') # how the judge's p(Yes) becomes Yes/No (see `calibrated_p_yes`)
+
 def hindsight_labels(data, goals:list, abstractions:list[dict], room_size:int, labeler:str, llm:LLM|None,
                      states_per_goal:int, seed:int, cot:bool=False, calibration:str='contextual', prior:float=0.25,
                      heldout:float=0.25, target:float=0.95, hidden:int=32, **gen)->list[GoalLabels]:
     "TEDUO step 1b for all goals."
-    if labeler not in ('llm', 'oracle'): raise ValueError(f"params label.labeler: {labeler!r}, expected llm or oracle")
-    if calibration not in ('contextual', 'prior', 'none'): raise ValueError(f"params label.calibration: {calibration!r}, expected contextual, prior or none")
+    if labeler not in LABELERS: raise ValueError(f"params label.labeler: {labeler!r}, expected {or_list(LABELERS)}")
+    if calibration not in CALIBRATIONS: raise ValueError(f"params label.calibration: {calibration!r}, expected {or_list(CALIBRATIONS)}")
     sel = {a['instruction']: a['selection'] for a in abstractions}
     missing = [Goal.of(g).instruction for g in goals if Goal.of(g).instruction not in sel]
     if missing: raise ValueError(f"no abstraction for goals {missing[:5]}: re-run the abstract stage")
@@ -314,6 +317,8 @@ def save_labels(labels:list[GoalLabels], out_dir:str|Path, labeler:str):
         pq.write_table(pa.concat_tables(rows), Path(tmp)/'states.parquet', compression='zstd')
         pq.write_table(pa.concat_tables(trans), Path(tmp)/'transitions.parquet', compression='zstd')
         write_json({'labeler': labeler, 'goals': [gl.info for gl in labels]}, Path(tmp)/'goals.json')
+
+REWARD_KEYS = {'llm': 'reward', 'oracle': 'reward_oracle'} # labels a learner may use: the labeler's, or ground truth
 
 @dataclass
 class LabeledGoal:

@@ -13,13 +13,17 @@ from typing import Any, Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from .core import atomic_path, check_keys, resolve, write_json, StageTimer
+from .core import atomic_path, check_keys, or_list, resolve, write_json, StageTimer
 
 # %% auto #0
-__all__ = ['LLMConfig', 'model_fingerprint', 'load_hf', 'prepare_hf_model', 'LLMCache', 'reserve_kv', 'TransformersBackend',
-           'OpenAIBackend', 'Unparseable', 'ParseError', 'LLM', 'parse_json_answer', 'parse_choice']
+__all__ = ['BACKENDS', 'DTYPES', 'LLMConfig', 'model_fingerprint', 'load_hf', 'prepare_hf_model', 'LLMCache', 'reserve_kv',
+           'TransformersBackend', 'OpenAIBackend', 'Unparseable', 'ParseError', 'LLM', 'parse_json_answer',
+           'parse_choice']
 
 # %% ../nbs/02b_llm.ipynb #001e610b
+BACKENDS = ('transformers', 'openai') # how an LLM role is reached: local weights, or an OpenAI-compatible server
+DTYPES = ('bfloat16', 'float16', 'float32') # torch dtypes a local model may load in
+
 @dataclass(frozen=True)
 class LLMConfig:
     "How to reach one LLM role."
@@ -37,9 +41,9 @@ class LLMConfig:
     def from_params(cls, p:dict, where:str='params.yaml:base.llm')->LLMConfig:
         check_keys(p, ['model'], where, optional=[k for k in cls.__dataclass_fields__ if k != 'model'])
         c = cls(**p)
-        if c.backend not in ('transformers', 'openai'): raise ValueError(f"{where}: backend {c.backend!r}, expected 'transformers' or 'openai'")
+        if c.backend not in BACKENDS: raise ValueError(f"{where}: backend {c.backend!r}, expected {or_list(BACKENDS)}")
         if c.backend == 'openai' and not c.base_url: raise ValueError(f"{where}: backend 'openai' needs base_url")
-        if c.dtype not in ('bfloat16', 'float16', 'float32'): raise ValueError(f"{where}: dtype {c.dtype!r}, expected bfloat16/float16/float32")
+        if c.dtype not in DTYPES: raise ValueError(f"{where}: dtype {c.dtype!r}, expected {or_list(DTYPES)}")
         return c
 
 def _gguf(model:str)->tuple[Path, str]|None:

@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from .core import atomic_path, check_keys, read_json, resolve, rng, write_json, StageTimer
+from .core import atomic_path, check_keys, or_list, read_json, resolve, rng, write_json, StageTimer
 from .babyai import Goal, ACTIONS
-from .label import load_labels, LabeledGoal
+from .label import load_labels, LabeledGoal, REWARD_KEYS
 
 # %% auto #0
-__all__ = ['AbstractMDP', 'empirical_mdp', 'stack_mdps', 'q_learning', 'q_learning_reference', 'greedy_actions', 'dqn',
-           'filtered_bc', 'save_policies', 'load_policies', 'solve_goals', 'policy_report']
+__all__ = ['ALGORITHMS', 'AbstractMDP', 'empirical_mdp', 'stack_mdps', 'q_learning', 'q_learning_reference', 'greedy_actions',
+           'dqn', 'filtered_bc', 'save_policies', 'load_policies', 'solve_goals', 'policy_report']
 
 # %% ../nbs/05_offline_rl.ipynb #70b25c41
 @dataclass
@@ -188,9 +188,12 @@ def load_policies(path:str|Path)->tuple[list[np.ndarray], dict]:
     return [q[g == k].astype(float) for k in range(len(meta['goals']))], meta
 
 # %% ../nbs/05_offline_rl.ipynb #224dd19f
+ALGORITHMS = ('q_learning', 'dqn', 'filtered_bc') # step 2's learners: TEDUO's tabular Q-learning, and two ablations
+
 def solve_goals(labeled:list[LabeledGoal], actions:np.ndarray, episode:np.ndarray, algorithm:str, reward_key:str,
                 alpha=0.1, gamma=0.7, tol=1e-6, max_sweeps=5000, dqn_kw=None, bc_kw=None, seed=0):
     "Action-value tables for every goal, and run info."
+    if algorithm not in ALGORITHMS: raise ValueError(f"params offline_rl.algorithm: {algorithm!r}, expected {or_list(ALGORITHMS)}")
     rewards = [getattr(lg, reward_key).astype(float) for lg in labeled]
     if algorithm == 'q_learning':
         mdps = [empirical_mdp(lg.s, actions, lg.s2, r, len(lg.states)) for lg, r in zip(labeled, rewards)]
@@ -200,8 +203,7 @@ def solve_goals(labeled:list[LabeledGoal], actions:np.ndarray, episode:np.ndarra
     for k, lg in enumerate(tqdm(labeled, desc=algorithm)):
         lg2 = copy.copy(lg); lg2.reward = rewards[k].astype(bool)
         if algorithm == 'dqn': out.append(dqn(lg2, actions, gamma, seed=seed + k, **(dqn_kw or {})))
-        elif algorithm == 'filtered_bc': out.append(filtered_bc(lg2, actions, episode, seed=seed + k, **(bc_kw or {})))
-        else: raise ValueError(f"params offline_rl.algorithm: {algorithm!r}, expected q_learning, dqn or filtered_bc")
+        else: out.append(filtered_bc(lg2, actions, episode, seed=seed + k, **(bc_kw or {})))
     return out, {'algorithm': algorithm}
 
 def policy_report(tables:list[np.ndarray], labeled:list[LabeledGoal], reward_key:str)->list[dict]:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .core import read_json, read_jsonl, resolve, rng, write_json, write_jsonl, StageTimer
 from .babyai import (World, Goal, ACTIONS, achieved, reset_layout, restore_state, encode_state, state_text)
 from .abstract import abstract_text
-from .label import load_labels, LabeledGoal
+from .label import load_labels, LabeledGoal, REWARD_KEYS
 from .offline_rl import empirical_mdp, greedy_actions, load_policies
 
 # %% auto #0

@@ -19,9 +19,13 @@ def tracked()->set:
     return set(subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split())
 
 
+VALIDATE = 'python -m teduo.params params.yaml && '  # every stage checks params.yaml before its notebook starts
+
+
 def notebook_of(stage:dict)->tuple[str, str]:
-    "(input notebook, output notebook) of a `papermill IN OUT -f params.yaml` command."
-    cmd = stage['cmd'].split()
+    "(input notebook, output notebook) of a `python -m teduo.params params.yaml && papermill IN OUT -f params.yaml` command."
+    assert stage['cmd'].startswith(VALIDATE), stage['cmd']
+    cmd = stage['cmd'][len(VALIDATE):].split()
     assert cmd[0] == 'papermill' and cmd[3:5] == ['-f', 'params.yaml'], stage['cmd']
     return cmd[1], cmd[2]
 

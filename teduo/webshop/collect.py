@@ -14,16 +14,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ..core import atomic_path, check_keys, resolve, rng, stable_seed, write_json, StageTimer
+from ..core import atomic_path, check_keys, or_list, resolve, rng, stable_seed, write_json, StageTimer
 from ..llm import LLM, LLMConfig
 from .env import Shop, ShopState, WebShopEnv, clickables
 
 # %% auto #0
-__all__ = ['KIND_OF_BUTTON', 'CLICK_KINDS', 'KEYWORD_SYSTEM', 'KEYWORD_SHOTS', 'COLUMNS', 'TRAJECTORY_SCHEMA', 'goal_range',
-           'goal_split', 'state_to_json', 'state_from_json', 'View', 'view_clickables', 'first_words', 'state_text',
-           'keyword_chat', 'parse_keywords', 'propose_keywords', 'behaviour_keywords', 'check_click_weights',
-           'random_click', 'behaviour_trajectory', 'collect_trajectories', 'save_trajectories', 'check_trajectories',
-           'load_trajectories', 'trajectory_stats']
+__all__ = ['KIND_OF_BUTTON', 'CLICK_KINDS', 'KEYWORD_SYSTEM', 'KEYWORD_SHOTS', 'KEYWORD_SOURCES', 'COLUMNS', 'TRAJECTORY_SCHEMA',
+           'goal_range', 'goal_split', 'state_to_json', 'state_from_json', 'View', 'view_clickables', 'first_words',
+           'state_text', 'keyword_chat', 'parse_keywords', 'propose_keywords', 'behaviour_keywords',
+           'check_click_weights', 'random_click', 'behaviour_trajectory', 'collect_trajectories', 'save_trajectories',
+           'check_trajectories', 'load_trajectories', 'trajectory_stats']
 
 # %% ../../nbs/24_webshop_collect.ipynb #5e5c53ab
 def goal_range(r:dict, # {start, count}
@@ -160,11 +160,13 @@ def propose_keywords(instructions:list[str], llm:LLM, per_goal:int, temperature:
             out[i][r] = parse_keywords(t)
     return out
 
+KEYWORD_SOURCES = ('llm', 'instruction') # who writes the behaviour policy's search queries
+
 def behaviour_keywords(instructions:list[str], source:str, llm:LLM|None, per_goal:int, temperature:float=0.7,
                        seed:int=0, max_new_tokens:int=12)->tuple[list[list[str]], int]: # (queries, fallbacks)
     "The behaviour policy's queries: from the LLM (`source='llm'`), or the instructions themselves (`'instruction'`)."
-    if source not in ('llm', 'instruction'):
-        raise ValueError(f"params.yaml:webshop_collect.keywords: {source!r}, expected 'llm' or 'instruction'")
+    if source not in KEYWORD_SOURCES:
+        raise ValueError(f"params.yaml:webshop_collect.keywords: {source!r}, expected {or_list(KEYWORD_SOURCES)}")
     own = [parse_keywords(i) for i in instructions]
     if source == 'instruction': return [[q] * per_goal for q in own], 0
     kws = propose_keywords(instructions, llm, per_goal, temperature, seed, max_new_tokens)

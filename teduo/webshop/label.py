@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ..core import atomic_path, resolve, rng, write_json, StageTimer
+from ..core import atomic_path, or_list, resolve, rng, write_json, StageTimer
 from ..llm import LLM, LLMConfig
 from ..label import binary_scores, calibrated_p_yes
 from .env import Shop, ShopState
@@ -20,8 +20,9 @@ from .reward import get_reward
 from .collect import View, state_from_json, load_trajectories, collect_trajectories, goal_split, first_words
 
 # %% auto #0
-__all__ = ['JUDGE_SYSTEM', 'CONTENT_FREE', 'LABEL_SCHEMA', 'purchases', 'true_reward', 'purchase_text', 'judge_chat', 'llm_p_yes',
-           'hindsight_rewards', 'pick_best', 'label_audit', 'save_labels', 'load_labels', 'plot_label_audit']
+__all__ = ['JUDGE_SYSTEM', 'CONTENT_FREE', 'CALIBRATIONS', 'LABELERS', 'LABEL_SCHEMA', 'purchases', 'true_reward',
+           'purchase_text', 'judge_chat', 'llm_p_yes', 'hindsight_rewards', 'pick_best', 'label_audit', 'save_labels',
+           'load_labels', 'plot_label_audit']
 
 # %% ../../nbs/25_webshop_label.ipynb #a9854e34
 def purchases(df:pd.DataFrame, # from `load_trajectories`
@@ -57,11 +58,13 @@ def judge_chat(instruction:str, purchase:str)->list[dict]:
     return [{'role': 'system', 'content': JUDGE_SYSTEM},
             {'role': 'user', 'content': f"Request: {instruction}\n{purchase}\nDoes the purchase match the request? Answer Yes or No."}]
 
+CALIBRATIONS = ('contextual', 'none') # remove the judge's lean measured on a content-free purchase, or not
+
 def llm_p_yes(instructions:list[str], texts:list[str], llm:LLM, calibration:str='contextual',
               progress:bool=True)->np.ndarray: # (n,) p(Yes)
     "The judge's p(Yes) per purchase, optionally with contextual calibration per instruction."
-    if calibration not in ('contextual', 'none'):
-        raise ValueError(f"params.yaml:webshop_label.calibration: {calibration!r}, expected 'contextual' or 'none'")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"params.yaml:webshop_label.calibration: {calibration!r}, expected {or_list(CALIBRATIONS)}")
     lp = llm.score([judge_chat(i, t) for i, t in zip(instructions, texts)], ['Yes', 'No'], progress=progress)
     cf = None
     if calibration == 'contextual':
@@ -71,11 +74,13 @@ def llm_p_yes(instructions:list[str], texts:list[str], llm:LLM, calibration:str=
     return calibrated_p_yes(lp, cf)
 
 # %% ../../nbs/25_webshop_label.ipynb #6361c36e
+LABELERS = ('llm', 'oracle') # the judge's p(Yes) (TEDUO), or the environment's true reward (upper bound)
+
 def hindsight_rewards(P:pd.DataFrame, # from `purchases`
                       shop:Shop, labeler:str, llm:LLM|None=None, view:View=View(),
                       calibration:str='contextual')->pd.DataFrame: # traj, goal, label_reward, llm_p_yes, true_reward
     "Labeled reward of every purchase (LLM p(Yes), or the true reward with the oracle), and the true reward."
-    if labeler not in ('llm', 'oracle'): raise ValueError(f"params.yaml:webshop_label.labeler: {labeler!r}, expected 'llm' or 'oracle'")
+    if labeler not in LABELERS: raise ValueError(f"params.yaml:webshop_label.labeler: {labeler!r}, expected {or_list(LABELERS)}")
     truth = np.array([true_reward(shop, s) for s in tqdm(P.state, desc='true rewards', leave=False)], float)
     p_yes = np.full(len(P), np.nan)
     if labeler == 'llm' and len(P):
