@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import rng
+from .core import rng, stable_seed
 from .babyai import Goal, ACTIONS, state_text
 from .abstract import abstract_states, abstract_text
 from .llm import LLM, LLMConfig
-from .sft_data import POLICY_SYSTEM, policy_chat, parse_actions, format_actions
+from .sft_data import POLICY_SYSTEM, policy_chat, parse_action_prefix, format_actions
 
 # %% auto #0
-__all__ = ['NOOP', 'IN_CONTEXT_EXAMPLES', 'Agent', 'RandomAgent', 'TabularAgent', 'in_context_chat', 'parse_answer', 'LLMAgent']
+__all__ = ['NOOP', 'IN_CONTEXT_EXAMPLES', 'Agent', 'RandomAgent', 'TabularAgent', 'in_context_chat', 'parse_answer',
+           'episode_key', 'LLMAgent']
 
 # %% ../nbs/08_agent.ipynb #b7bb421c
 NOOP = ACTIONS.index('done')
@@ -29,6 +30,7 @@ class Agent:
     def act(self, states:list[np.ndarray], goals:list[Goal], idx:list[int])->tuple[np.ndarray, np.ndarray]:
         "(actions, invalid) for the running episodes `idx` (their states and goals in the same order)."
         raise NotImplementedError
+    def episode_counts(self)->dict[str, np.ndarray]: return {} # per-episode counters of `reset(n)`'s episodes, e.g. LLM answers
 
 class RandomAgent(Agent):
     "Uniformly random actions (a floor for every table)."
@@ -91,22 +93,34 @@ def in_context_chat(goal_text:str, text:str, cot:bool=False)->list[dict]:
     return msgs + [{'role': 'user', 'content': f"State:\n{text}\nGoal: {goal_text}"}]
 
 def parse_answer(text:str, cot:bool=False)->list[int]:
-    "Actions of an answer; with chain-of-thought, the list after the last 'Answer:'."
+    "The actions an answer starts with (its longest valid prefix); with chain-of-thought, of the list after the last 'Answer:'."
     if cot:
         if 'answer:' not in text.lower(): raise ValueError("no 'Answer:' in a chain-of-thought answer")
         text = re.split(r'(?i)answer:', text)[-1]
-    return parse_actions(text)
+    return parse_action_prefix(text)
+
+def episode_key(goal:Goal, start:np.ndarray)->str:
+    "Who an episode is, whatever its place in a batch: its goal text and start state."
+    return f"{goal.goal}|{start.tobytes().hex()}"
 
 class LLMAgent(Agent):
-    "An LLM policy: prompts from states and goals, batched generation, strict parsing, invalid answers counted."
+    "An LLM policy: prompts from states and goals, batched generation, unparseable answers re-asked with sampling and counted."
     def __init__(self, llm:LLM, selections:dict, room_size:int, prompt:str='teduo', cot:bool=False,
-                 replan_every:int|None=1, max_new_tokens:int=24, temperature:float=0.0, seed:int=0, name:str|None=None):
+                 replan_every:int|None=1, max_new_tokens:int=24, temperature:float=0.0,
+                 retries:int=2, # re-asks of an unparseable answer, sampled (0: none)
+                 retry_temperature:float=0.7, # sampling temperature of a re-ask (0: no re-asks: greedy would repeat the answer)
+                 seed:int=0, name:str|None=None):
         if prompt not in ('teduo', 'in_context'): raise ValueError(f"prompt {prompt!r}: expected teduo or in_context")
         self.llm, self.sel, self.room_size, self.prompt, self.cot = llm, selections, room_size, prompt, cot
         self.replan_every, self.max_new_tokens, self.temperature, self.seed = replan_every, max_new_tokens, temperature, seed
+        self.retries, self.retry_temperature = retries, retry_temperature
         self.name = name or ('llm_' + prompt)
     def reset(self, n):
-        self.n, self.queue, self.left, self.queries, self.invalid_answers = n, [[] for _ in range(n)], [0]*n, 0, 0
+        self.n, self.queue, self.left = n, [[] for _ in range(n)], [0]*n
+        self.queries, self.invalid_answers, self.reasks, self.unanswered = 0, 0, 0, 0  # totals: asks, unparseable answers, re-asks, asks left without a plan
+        self.t, self.key = np.zeros(n, int), [None]*n  # steps taken and who each episode is (seeds its re-asks)
+        self.counts = {k: np.zeros(n, int) for k in ('answers', 'unparseable_answers', 'retries')}
+    def episode_counts(self): return {k: v.copy() for k, v in self.counts.items()}
     def describe(self, s:np.ndarray, goal:Goal)->str:
         "The state as the prompt shows it: abstract when the goal's abstraction is known."
         sel = self.sel.get(goal.goal)  # keyed by the goal text: a policy never sees the checker's instruction
@@ -115,17 +129,34 @@ class LLMAgent(Agent):
     def chat(self, s:np.ndarray, goal:Goal)->list[dict]:
         text = self.describe(s, goal)
         return policy_chat(goal.goal, text) if self.prompt == 'teduo' else in_context_chat(goal.goal, text, self.cot)
+    def _parse(self, text:str, e:int)->list[int]:
+        "The plan of episode `e`'s answer ([] if unparseable), counted."
+        self.counts['answers'][e] += 1
+        try: return parse_answer(text, self.cot)
+        except ValueError: self.counts['unparseable_answers'][e] += 1; self.invalid_answers += 1; return []
+    def plans(self, chats:list[list[dict]], eps:list[int])->list[list[int]]:
+        "A plan per chat of episodes `eps`: one batched answer, each unparseable one re-asked (sampled, seeded by episode, step and attempt)."
+        answers = self.llm.generate(chats, max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed)
+        self.queries += len(chats)
+        out = [self._parse(text, e) for text, e in zip(answers, eps)]
+        tries = self.retries if self.retry_temperature > 0 else 0
+        for j, e in enumerate(eps):  # one call per re-ask: its seed is the episode's, so batching never changes an answer
+            for attempt in range(1, tries + 1):
+                if out[j]: break
+                seed = stable_seed(self.seed, 'llm-agent-reask', self.key[e], int(self.t[e]), attempt)  # part of the cache key
+                text, = self.llm.generate([chats[j]], max_new_tokens=self.max_new_tokens, temperature=self.retry_temperature, seed=seed)
+                self.counts['retries'][e] += 1; self.reasks += 1
+                out[j] = self._parse(text, e)
+            self.unanswered += not out[j]
+        return out
     def act(self, states, goals, idx):
         goals = [Goal.of(g) for g in goals]
+        for s, g, e in zip(states, goals, idx):
+            if self.key[e] is None: self.key[e] = episode_key(g, s)
         need = [j for j, e in enumerate(idx) if not self.queue[e] or self.left[e] <= 0]
         if need:
-            answers = self.llm.generate([self.chat(states[j], goals[j]) for j in need], max_new_tokens=self.max_new_tokens,
-                                        temperature=self.temperature, seed=self.seed)
-            self.queries += len(need)
-            for j, text in zip(need, answers):
+            for j, plan in zip(need, self.plans([self.chat(states[j], goals[j]) for j in need], [idx[j] for j in need])):
                 e = idx[j]
-                try: plan = parse_answer(text, self.cot)
-                except ValueError: plan = []; self.invalid_answers += 1
                 self.queue[e] = plan
                 self.left[e] = len(plan) if self.replan_every is None else min(self.replan_every, len(plan))
         acts, invalid = np.empty(len(idx), np.int64), np.zeros(len(idx), bool)
@@ -133,4 +164,5 @@ class LLMAgent(Agent):
             if self.queue[e]: acts[j] = self.queue[e].pop(0); self.left[e] -= 1
             else: acts[j], invalid[j], self.left[e] = NOOP, True, 0
             if self.left[e] <= 0: self.queue[e] = []
+            self.t[e] += 1
         return acts, invalid

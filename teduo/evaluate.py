@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_evaluate.ipynb #c34301c6
 from __future__ import annotations
-import json, math
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,16 +15,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .core import atomic_path, check_positive, or_list, read_json, read_jsonl, resolve, rng, stable_seed, write_json, StageTimer
+from .core import (atomic_path, check_positive, or_list, read_json, read_jsonl, resolve, rng, stable_seed, write_json, StageTimer,
+                   wilson_interval, cluster_bootstrap_interval, paired_test)
 from .babyai import (World, Goal, layout_seeds as _layout_seeds, reset_layout, encode_state, achieved, goal_feasible,
                           ACTIONS, parse_instruction)
 from .collect import start_episode
 from .agent import Agent, RandomAgent, TabularAgent, LLMAgent, NOOP
 from .llm import LLM, LLMConfig
+from .sft_data import plan_token_budget
 
 # %% auto #0
 __all__ = ['AGENTS', 'AGENT_POLICIES', 'EpisodeSpec', 'unique_goals', 'load_goals', 'make_episodes', 'run_episodes', 'summarize',
-           'load_selections', 'check_policies', 'NotRun', 'build_agent', 'goal_selections']
+           'compare_agents', 'load_selections', 'check_policies', 'answer_budget', 'NotRun', 'build_agent',
+           'goal_selections']
 
 # %% ../nbs/09_evaluate.ipynb #cb4a502e
 @dataclass
@@ -77,7 +80,7 @@ def run_episodes(agent:Agent, specs:list[EpisodeSpec], world:World, max_steps:in
         env = start_episode(world.make_env(), sp.layout_seed, sp.episode_seed); env.max_steps = 10**9
         envs.append(env)
     agent.reset(len(specs))
-    n = len(specs); steps = np.zeros(n, int); invalid = np.zeros(n, int); success = np.zeros(n, bool)
+    n = len(specs); steps, unparseable, no_effect = (np.zeros(n, int) for _ in range(3)); success = np.zeros(n, bool)
     running = list(range(n)); traj = {i: [sp.start] for i, sp in enumerate(specs) if i < keep_states}
     states = [sp.start for sp in specs]
     bar = tqdm(total=max_steps, desc=f'{agent.name} steps', disable=not progress, leave=False)
@@ -86,29 +89,57 @@ def run_episodes(agent:Agent, specs:list[EpisodeSpec], world:World, max_steps:in
         acts, inv = agent.act([states[i] for i in running], [specs[i].goal for i in running], running)
         still = []
         for i, a, bad in zip(running, acts, inv):
-            envs[i].step(int(a)); steps[i] += 1; invalid[i] += int(bad)
-            states[i] = encode_state(envs[i])
+            envs[i].step(int(a)); steps[i] += 1; unparseable[i] += int(bad)
+            before, states[i] = states[i], encode_state(envs[i])
+            no_effect[i] += int(not bad and np.array_equal(before, states[i]))  # e.g. forward into a wall, drop with empty hands
             if i in traj: traj[i].append(states[i])
             if achieved(states[i], specs[i].goal, int(a)): success[i] = True
             else: still.append(i)
         running = still; bar.update(1)
     bar.close()
+    counts = agent.episode_counts()
     log = pd.DataFrame({'agent': agent.name, 'quadrant': [sp.quadrant for sp in specs],
                         'goal': [sp.goal.goal for sp in specs], 'instruction': [sp.goal.instruction for sp in specs],
                         'category': [sp.goal.category for sp in specs], 'layout_seed': [sp.layout_seed for sp in specs],
                         'episode_seed': [sp.episode_seed for sp in specs], 'success': success, 'steps': steps,
-                        'invalid_actions': invalid})
+                        'unparseable_steps': unparseable, 'no_effect_actions': no_effect,
+                        **{k: counts.get(k, np.zeros(n, int)) for k in ('answers', 'unparseable_answers', 'retries')}})
     return log, traj
 
 # %% ../nbs/09_evaluate.ipynb #7c6f2679
-def summarize(log:pd.DataFrame, by=('agent', 'quadrant'))->pd.DataFrame:
-    "Success rate (with standard error), episode lengths and invalid-action rate per group."
+def _ratio(g:pd.DataFrame, num:str, den:str, empty:float=float('nan'))->float:
+    "sum(num) / sum(den) over a group; `empty` when the denominator is 0, NaN when a column is absent (an older log)."
+    if num not in g or den not in g: return float('nan')
+    d = g[den].sum()
+    return g[num].sum() / d if d else empty
+
+def summarize(log:pd.DataFrame, by=('agent', 'quadrant'), seed:int=0, n_boot:int=2000)->pd.DataFrame:
+    "Per group: episodes, successes, success rate with 95% Wilson and goal-clustered bootstrap intervals, lengths, waste rates."
     def f(g):
-        n, p = len(g), g.success.mean()
-        return pd.Series({'episodes': n, 'success_rate': p, 'success_se': math.sqrt(p*(1 - p)/n) if n else float('nan'),
-                          'mean_length': g.steps.mean(), 'mean_length_success': g.steps[g.success].mean() if g.success.any() else float('nan'),
-                          'invalid_action_rate': g.invalid_actions.sum() / max(g.steps.sum(), 1)})
-    return log.groupby(list(by), sort=True).apply(f, include_groups=False).reset_index()
+        n, k = len(g), int(g.success.sum())
+        cluster = g.goal.to_numpy() if 'goal' in g else np.arange(n)  # grouped by goal: each episode its own cluster
+        (lo, hi), (blo, bhi) = wilson_interval(k, n), cluster_bootstrap_interval(g.success.to_numpy(), cluster, n_boot, seed)
+        return pd.Series({'episodes': n, 'successes': k, 'success_rate': k / n, 'wilson_low': lo, 'wilson_high': hi,
+                          'bootstrap_low': blo, 'bootstrap_high': bhi, 'mean_length': g.steps.mean(),
+                          'mean_length_success': g.steps[g.success].mean() if k else float('nan'),
+                          'unparseable_answer_rate': _ratio(g, 'unparseable_answers', 'answers'),
+                          'unparseable_step_rate': _ratio(g, 'unparseable_steps', 'steps', 0.0),
+                          'no_effect_rate': _ratio(g, 'no_effect_actions', 'steps', 0.0)})
+    out = log.groupby(list(by), sort=True).apply(f, include_groups=False).reset_index()
+    return out.astype({'episodes': int, 'successes': int})
+
+def compare_agents(log:pd.DataFrame, ref:str='teduo')->dict:
+    "{quadrant: {agent: two-sided test of `ref` vs agent}}: exact McNemar when both ran the same episodes, else Fisher's exact."
+    key = ['goal', 'layout_seed', 'episode_seed']
+    out = {}
+    for q, lq in log[log.agent == ref].groupby('quadrant', sort=True):
+        a = lq.set_index(key).success.sort_index()
+        for other, lo in log[(log.quadrant == q) & (log.agent != ref)].groupby('agent', sort=True):
+            b = lo.set_index(key).success.sort_index()
+            same = a.index.is_unique and a.index.equals(b.index)  # the same (goal, layout, start) episodes, in the same order
+            t = paired_test(a.to_numpy(), b.to_numpy(), paired=same)
+            out.setdefault(q, {})[other] = {**t, 'episodes': [len(a), len(b)], 'successes': [int(a.sum()), int(b.sum())]}
+    return out
 
 # %% ../nbs/09_evaluate.ipynb #c940b2ef
 def load_selections(inputs:dict)->dict:
@@ -141,6 +172,13 @@ def check_policies(policies:str|Path, # a policies file of the offline_rl stage
             raise ValueError(f"{abstractions} and {labels}: goal {lg.goal.goal!r} has selection {selections.get(lg.goal.goal)!r} "
                              f"in the abstractions, {lg.info.get('selection')!r} in the labels; expected the same")
 
+def answer_budget(max_new_tokens:int|str, # params evaluate.max_new_tokens: a number of tokens, or 'auto'
+                  max_plan_len:int, # params sft_data.max_plan_len: the longest plan the SFT data holds
+                 )->int: # new tokens an LLM agent may generate per answer
+    "'auto': what decodes the longest plan of the SFT data (`teduo.sft_data.plan_token_budget`); a number as given."
+    if max_new_tokens == 'auto': return plan_token_budget(check_positive(max_plan_len, 'params.yaml:sft_data.max_plan_len'))
+    return check_positive(max_new_tokens, 'params.yaml:evaluate.max_new_tokens')
+
 AGENTS = ('random', 'teduo', 'llm_zero_shot', 'llm_in_context', 'tabular', 'tabular_oracle', 'dqn', 'gcbc', 'il') # the comparison
 AGENT_POLICIES = {'tabular': 'q_learning_llm', 'tabular_oracle': 'q_learning_oracle', 'dqn': 'dqn_llm'} # step-2 policy files
 
@@ -162,8 +200,10 @@ def build_agent(name:str, base:dict, world:World, inputs:dict, ev:dict, selectio
         cot = ev.get('cot', False) and name == 'llm_in_context'
         return LLMAgent(llm, selections, world.room_size, prompt='in_context' if name == 'llm_in_context' else 'teduo',
                         cot=cot, replan_every=ev.get('replan_every', 1),
-                        max_new_tokens=ev.get('max_new_tokens', 24) * (4 if cot else 1), temperature=ev.get('temperature', 0.0),
-                        seed=seed, name=name)
+                        max_new_tokens=check_positive(ev.get('max_new_tokens', 24), 'evaluate.max_new_tokens (resolve auto with answer_budget)')
+                                       * (4 if cot else 1),
+                        temperature=ev.get('temperature', 0.0), retries=ev.get('retries', 2),
+                        retry_temperature=ev.get('retry_temperature', 0.7), seed=seed, name=name)
     if name in AGENT_POLICIES:
         from teduo.offline_rl import load_policies
         from teduo.label import load_labels

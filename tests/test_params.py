@@ -158,6 +158,10 @@ OTHER_CASES = {
     'webshop_finetune.train': (rename('webshop_finetune.train.lora_r', 'lora_rank'), 'webshop_finetune.train.lora_rank: unknown key (did you mean lora_r?)'),
     'webshop episodes': (set_('webshop_evaluate.episodes.train', 500), 'webshop_evaluate.episodes.train: 500, more than the 100 goals'),
     'webshop max_new_tokens': (set_('webshop_evaluate.max_new_tokens.react', 0), 'webshop_evaluate.max_new_tokens.react: 0, expected an integer >= 1'),
+    'evaluate max_new_tokens typo': (set_('evaluate.max_new_tokens', 'atuo'), "evaluate.max_new_tokens: 'atuo', expected auto (did you mean auto?)"),
+    'evaluate max_new_tokens 0': (set_('evaluate.max_new_tokens', 0), 'evaluate.max_new_tokens: 0, expected an integer >= 1'),
+    'evaluate retries': (set_('evaluate.retries', -1), 'evaluate.retries: -1, expected an integer >= 0'),
+    'evaluate retry_temperature': (set_('evaluate.retry_temperature', -0.5), 'evaluate.retry_temperature: -0.5, expected a number >= 0'),
 }
 
 
