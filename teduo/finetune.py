@@ -50,13 +50,17 @@ def file_hash(*paths)->str:
     for p in paths: h.update(Path(resolve(p)).read_bytes())
     return h.hexdigest()
 
-def sort_adapter_config(d:Path):
-    """PEFT writes `target_modules` from a set, in an order that changes with Python's hash seed: sort it, so the same
-    training gives byte-identical adapters (and the same model fingerprint in the LLM cache)."""
+def sort_adapter_config(d:Path, base_model:str|None=None):
+    """PEFT writes `target_modules` from a set, in an order that changes with Python's hash seed, and the base model's
+    absolute path (which follows the checkout's folder) into the config and a model card: sort the lists, record the
+    base model as params name it (`base_model`), drop the card, so the same training gives byte-identical adapters in
+    any checkout (and the same model fingerprint in the LLM cache). Loading never reads the path: teduo gives the base."""
     f = d/'adapter_config.json'; cfg = json.loads(f.read_text())
     for k in ('target_modules', 'modules_to_save'):
         if isinstance(cfg.get(k), list): cfg[k] = sorted(cfg[k])
+    if base_model is not None: cfg['base_model_name_or_path'] = base_model
     f.write_text(json.dumps(cfg, indent=2, sort_keys=True) + '\n')
+    (d/'README.md').unlink(missing_ok=True)
 
 class NoTrainingData(ValueError):
     "Step 2 gave nothing to train on (no plan, no goal passed the filter): an outcome of a weak model, not a bug."
@@ -136,7 +140,7 @@ def finetune_lora(train_path:str|Path, # prompt-completion JSONL
                'train_runtime_s': round(res.metrics.get('train_runtime', 0.0), 2),
                'train_tokens_per_s': round(n_tokens * float(trainer.state.epoch or 0) / max(res.metrics.get('train_runtime', 1e-9), 1e-9), 1)}
     with atomic_path(resolve(out_dir)) as tmp:
-        trainer.model.save_pretrained(tmp); tok.save_pretrained(tmp); sort_adapter_config(Path(tmp))
+        trainer.model.save_pretrained(tmp); tok.save_pretrained(tmp); sort_adapter_config(Path(tmp), base.model)
         write_json({k: v for k, v in summary.items() if k not in ('train_runtime_s', 'train_tokens_per_s')}, Path(tmp)/'teduo_meta.json')
     if curves_path: write_json(curves, resolve(curves_path))
     shutil.rmtree(work, ignore_errors=True)

@@ -14,6 +14,16 @@ TRACKED = set(subprocess.run(['git', 'ls-files'], cwd=ROOT, check=True, capture_
 md5 = lambda p: hashlib.md5((ROOT/p).read_bytes()).hexdigest()
 
 
+def same(a, b)->bool:
+    "Equal params, reading numbers the way DVC's YAML does (PyYAML reads the lock's `1e-06` as a string)."
+    if isinstance(a, dict) and isinstance(b, dict): return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list): return len(a) == len(b) and all(map(same, a, b))
+    if isinstance(a, (int, float, str)) and isinstance(b, (int, float, str)) and not isinstance(a, bool) and not isinstance(b, bool):
+        try: return float(a) == float(b)
+        except ValueError: pass
+    return a == b
+
+
 def lookup(dotted:str):
     v = PARAMS
     for k in dotted.split('.'): v = v[k]
@@ -35,7 +45,7 @@ def test_lock_is_the_checkout_code_and_params(stage):
         if p in TRACKED:
             assert md5(p) == dep['md5'], f"{p} changed since stage {stage} ran (dvc.lock is stale: rerun `make repro` and commit)"
     for dotted, v in LOCK[stage].get('params', {}).get('params.yaml', {}).items():
-        assert lookup(dotted) == v, f"params.yaml:{dotted} differs from the value stage {stage} ran with (dvc.lock is stale)"
+        assert same(lookup(dotted), v), f"params.yaml:{dotted} differs from the value stage {stage} ran with (dvc.lock is stale)"
 
 
 def test_lock_covers_every_stage():

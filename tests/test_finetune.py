@@ -154,3 +154,9 @@ def test_adapter_config_lists_are_sorted(tuned, tmp_path):
     (tmp_path/'adapter_config.json').write_text(json.dumps({'target_modules': ['v_proj', 'k_proj', 'q_proj'], 'r': 4}))
     sort_adapter_config(tmp_path)
     assert json.loads((tmp_path/'adapter_config.json').read_text()) == {'r': 4, 'target_modules': ['k_proj', 'q_proj', 'v_proj']}
+    # the base model's absolute path (it follows the checkout's folder) becomes the params' name; the model card goes
+    (tmp_path/'adapter_config.json').write_text(json.dumps({'base_model_name_or_path': '/work/a/outputs/models/m', 'r': 4}))
+    (tmp_path/'README.md').write_text('base_model: /work/a/outputs/models/m')
+    sort_adapter_config(tmp_path, 'outputs/models/m')
+    assert json.loads((tmp_path/'adapter_config.json').read_text()) == {'base_model_name_or_path': 'outputs/models/m', 'r': 4}
+    assert not (tmp_path/'README.md').exists()
