@@ -3,14 +3,15 @@ episodes one at a time, in the same run, same model, greedy, closed-loop (a quer
 
 Both prompts the evaluation uses are measured: `teduo` (the fine-tuned agent's prompt, with its adapter when
 `outputs/babyai/adapter` exists; the zero-shot baseline uses the same prompt) and `in_context` (worked examples,
-a long shared prefix). `max_new_tokens` and the model come from params.yaml (evaluate, base.llm.policy) unless given.
+a long shared prefix). `max_new_tokens` (`auto`: sized from sft_data.max_plan_len) and the model come from params.yaml
+(evaluate, base.llm.policy) unless given.
 Run: `python bench/bench_agent.py [--episodes 32 --steps 3] [--prompts teduo in_context] [--adapter PATH|none]`.
 """
 import argparse, time
 from pathlib import Path
 import yaml
 from teduo.babyai import World, Goal
-from teduo.evaluate import make_episodes, run_episodes
+from teduo.evaluate import make_episodes, run_episodes, answer_budget
 from teduo.agent import LLMAgent
 from teduo.llm import LLM, LLMConfig, LLMCache
 
@@ -19,7 +20,7 @@ ap = argparse.ArgumentParser(); ap.add_argument('--episodes', type=int, default=
 ap.add_argument('--prompts', nargs='+', default=['teduo', 'in_context'])
 ap.add_argument('--model', default=P['base']['llm']['policy']['model']); ap.add_argument('--dtype', default=P['base']['llm']['policy']['dtype'])
 ap.add_argument('--adapter', default=P['evaluate']['inputs']['adapter'], help="LoRA adapter of the teduo prompt ('none': the untuned model)")
-ap.add_argument('--max-new-tokens', type=int, default=P['evaluate']['max_new_tokens'])
+ap.add_argument('--max-new-tokens', type=int, default=answer_budget(P['evaluate']['max_new_tokens'], P['sft_data']['max_plan_len']))
 args = ap.parse_args()
 world = World()
 goals = ['go to the red ball', 'pick up a key', 'open a door', 'go to the tile (2,2)']

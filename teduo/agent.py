@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import rng
+from .core import rng, stable_seed
 from .babyai import Goal, ACTIONS, state_text
 from .abstract import abstract_states, abstract_text
 from .llm import LLM, LLMConfig
-from .sft_data import POLICY_SYSTEM, policy_chat, parse_actions, format_actions
+from .sft_data import POLICY_SYSTEM, policy_chat, parse_action_prefix, format_actions
 
 # %% auto #0
-__all__ = ['NOOP', 'IN_CONTEXT_EXAMPLES', 'Agent', 'RandomAgent', 'TabularAgent', 'in_context_chat', 'parse_answer', 'LLMAgent']
+__all__ = ['NOOP', 'IN_CONTEXT_EXAMPLES', 'Agent', 'RandomAgent', 'TabularAgent', 'in_context_chat', 'parse_answer',
+           'episode_key', 'LLMAgent', 'BotAgent', 'GoalShuffled']
 
 # %% ../nbs/08_agent.ipynb #b7bb421c
 NOOP = ACTIONS.index('done')
@@ -26,9 +27,11 @@ class Agent:
     "Base class: `reset(n)` then `act(states, goals, idx)` each step."
     name = 'agent'
     def reset(self, n:int): self.n = n
+    def start(self, specs:list): self.reset(len(specs)) # before the episodes `specs` (evaluation's EpisodeSpec) run
     def act(self, states:list[np.ndarray], goals:list[Goal], idx:list[int])->tuple[np.ndarray, np.ndarray]:
         "(actions, invalid) for the running episodes `idx` (their states and goals in the same order)."
         raise NotImplementedError
+    def episode_counts(self)->dict[str, np.ndarray]: return {} # per-episode counters of `reset(n)`'s episodes, e.g. LLM answers
 
 class RandomAgent(Agent):
     "Uniformly random actions (a floor for every table)."
@@ -91,22 +94,34 @@ def in_context_chat(goal_text:str, text:str, cot:bool=False)->list[dict]:
     return msgs + [{'role': 'user', 'content': f"State:\n{text}\nGoal: {goal_text}"}]
 
 def parse_answer(text:str, cot:bool=False)->list[int]:
-    "Actions of an answer; with chain-of-thought, the list after the last 'Answer:'."
+    "The actions an answer starts with (its longest valid prefix); with chain-of-thought, of the list after the last 'Answer:'."
     if cot:
         if 'answer:' not in text.lower(): raise ValueError("no 'Answer:' in a chain-of-thought answer")
         text = re.split(r'(?i)answer:', text)[-1]
-    return parse_actions(text)
+    return parse_action_prefix(text)
+
+def episode_key(goal:Goal, start:np.ndarray)->str:
+    "Who an episode is, whatever its place in a batch: its goal text and start state."
+    return f"{goal.goal}|{start.tobytes().hex()}"
 
 class LLMAgent(Agent):
-    "An LLM policy: prompts from states and goals, batched generation, strict parsing, invalid answers counted."
+    "An LLM policy: prompts from states and goals, batched generation, unparseable answers re-asked with sampling and counted."
     def __init__(self, llm:LLM, selections:dict, room_size:int, prompt:str='teduo', cot:bool=False,
-                 replan_every:int|None=1, max_new_tokens:int=24, temperature:float=0.0, seed:int=0, name:str|None=None):
+                 replan_every:int|None=1, max_new_tokens:int=24, temperature:float=0.0,
+                 retries:int=2, # re-asks of an unparseable answer, sampled (0: none)
+                 retry_temperature:float=0.7, # sampling temperature of a re-ask (0: no re-asks: greedy would repeat the answer)
+                 seed:int=0, name:str|None=None):
         if prompt not in ('teduo', 'in_context'): raise ValueError(f"prompt {prompt!r}: expected teduo or in_context")
         self.llm, self.sel, self.room_size, self.prompt, self.cot = llm, selections, room_size, prompt, cot
         self.replan_every, self.max_new_tokens, self.temperature, self.seed = replan_every, max_new_tokens, temperature, seed
+        self.retries, self.retry_temperature = retries, retry_temperature
         self.name = name or ('llm_' + prompt)
     def reset(self, n):
-        self.n, self.queue, self.left, self.queries, self.invalid_answers = n, [[] for _ in range(n)], [0]*n, 0, 0
+        self.n, self.queue, self.left = n, [[] for _ in range(n)], [0]*n
+        self.queries, self.invalid_answers, self.reasks, self.unanswered = 0, 0, 0, 0  # totals: asks, unparseable answers, re-asks, asks left without a plan
+        self.t, self.key = np.zeros(n, int), [None]*n  # steps taken and who each episode is (seeds its re-asks)
+        self.counts = {k: np.zeros(n, int) for k in ('answers', 'unparseable_answers', 'retries')}
+    def episode_counts(self): return {k: v.copy() for k, v in self.counts.items()}
     def describe(self, s:np.ndarray, goal:Goal)->str:
         "The state as the prompt shows it: abstract when the goal's abstraction is known."
         sel = self.sel.get(goal.goal)  # keyed by the goal text: a policy never sees the checker's instruction
@@ -115,17 +130,37 @@ class LLMAgent(Agent):
     def chat(self, s:np.ndarray, goal:Goal)->list[dict]:
         text = self.describe(s, goal)
         return policy_chat(goal.goal, text) if self.prompt == 'teduo' else in_context_chat(goal.goal, text, self.cot)
+    def _parse(self, text:str, e:int)->list[int]:
+        "The plan of episode `e`'s answer ([] if unparseable), counted."
+        self.counts['answers'][e] += 1
+        try: return parse_answer(text, self.cot)
+        except ValueError: self.counts['unparseable_answers'][e] += 1; self.invalid_answers += 1; return []
+    def plans(self, chats:list[list[dict]], eps:list[int])->list[list[int]]:
+        "A plan per chat of episodes `eps`: one batched answer, each unparseable one re-asked (sampled, seeded by episode, step and attempt)."
+        answers = self.llm.generate(chats, max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed)
+        self.queries += len(chats)
+        out = [self._parse(text, e) for text, e in zip(answers, eps)]
+        tries = self.retries if self.retry_temperature > 0 else 0
+        for attempt in range(1, tries + 1):  # the unparseable answers of all episodes, re-asked in one batched call
+            todo = [j for j in range(len(chats)) if not out[j]]
+            if not todo: break
+            # each row's own seed (episode, step, attempt): its answer and cache key never depend on the batch
+            seeds = [stable_seed(self.seed, 'llm-agent-reask', self.key[eps[j]], int(self.t[eps[j]]), attempt) for j in todo]
+            texts = self.llm.generate([chats[j] for j in todo], max_new_tokens=self.max_new_tokens,
+                                      temperature=self.retry_temperature, seed=seeds)
+            for j, text in zip(todo, texts):
+                self.counts['retries'][eps[j]] += 1; self.reasks += 1
+                out[j] = self._parse(text, eps[j])
+        self.unanswered += sum(not o for o in out)
+        return out
     def act(self, states, goals, idx):
         goals = [Goal.of(g) for g in goals]
+        for s, g, e in zip(states, goals, idx):
+            if self.key[e] is None: self.key[e] = episode_key(g, s)
         need = [j for j, e in enumerate(idx) if not self.queue[e] or self.left[e] <= 0]
         if need:
-            answers = self.llm.generate([self.chat(states[j], goals[j]) for j in need], max_new_tokens=self.max_new_tokens,
-                                        temperature=self.temperature, seed=self.seed)
-            self.queries += len(need)
-            for j, text in zip(need, answers):
+            for j, plan in zip(need, self.plans([self.chat(states[j], goals[j]) for j in need], [idx[j] for j in need])):
                 e = idx[j]
-                try: plan = parse_answer(text, self.cot)
-                except ValueError: plan = []; self.invalid_answers += 1
                 self.queue[e] = plan
                 self.left[e] = len(plan) if self.replan_every is None else min(self.replan_every, len(plan))
         acts, invalid = np.empty(len(idx), np.int64), np.zeros(len(idx), bool)
@@ -133,4 +168,64 @@ class LLMAgent(Agent):
             if self.queue[e]: acts[j] = self.queue[e].pop(0); self.left[e] -= 1
             else: acts[j], invalid[j], self.left[e] = NOOP, True, 0
             if self.left[e] <= 0: self.queue[e] = []
+            self.t[e] += 1
         return acts, invalid
+
+class _Bot:
+    "BabyAI's bot on one episode's own copy of the environment (it also walks to a tile: `go to the tile (x,y)`)."
+    def __init__(self, env, instr):
+        from minigrid.utils.baby_ai_bot import BabyAIBot, GoNextToSubgoal
+        from teduo.babyai import GoToTileInstr
+        env.instrs = instr; instr.reset_verifier(env)
+        self.env, self.tile = env, instr.pos if isinstance(instr, GoToTileInstr) else None
+        if self.tile is None: self.bot = BabyAIBot(env)
+        else:  # the bot has no tile instruction: face the tile (its 'go next to a position'), then step onto it
+            class TileBot(BabyAIBot):
+                def _process_instr(s, i): s.stack.append(GoNextToSubgoal(s, i.pos))
+            self.bot = TileBot(env)
+    def act(self, last:int|None)->int:
+        a = int(self.bot.replan(last))
+        if self.tile is not None and a == NOOP and tuple(int(v) for v in self.env.front_pos) == self.tile:
+            a = ACTIONS.index('move forward')
+        return a
+
+class BotAgent(Agent):
+    "The expert ceiling: BabyAI's bot (full knowledge of the level) per episode; an action it cannot plan is a counted random one."
+    name = 'bot'
+    def __init__(self, world, seed:int=0): self.world, self.seed = world, seed
+    def start(self, specs):
+        from teduo.collect import start_episode
+        from teduo.babyai import parse_instruction, quiet
+        self.reset(len(specs)); self.r, self.errors = rng(self.seed, 'bot-agent'), 0
+        self.bots, self.last = [], [None]*len(specs)
+        for sp in specs:
+            env = start_episode(self.world.make_env(), sp.layout_seed, sp.episode_seed)
+            with quiet(): self.bots.append(_Bot(env, parse_instruction(sp.goal.instruction, self.world)))
+    def act(self, states, goals, idx):
+        acts = np.empty(len(idx), np.int64)
+        for j, e in enumerate(idx):
+            b = self.bots[e]
+            try: a = b.act(self.last[e])
+            except Exception: a = int(self.r.integers(len(ACTIONS))); self.errors += 1; b.bot.stack = []  # the bot gives up (rare)
+            b.env.step(a); acts[j] = self.last[e] = a
+        return acts, np.zeros(len(idx), bool)
+
+class GoalShuffled(Agent):
+    """A goal-blind control: `agent` acting on another goal of the same list (a seeded derangement of each list in
+    `goal_lists`) in the true goal's episodes. Success then measures what the agent achieves without reading its goal."""
+    def __init__(self, agent:Agent, goal_lists:list[list], seed:int=0):
+        self.agent, self.swap = agent, {}
+        for goals in goal_lists:
+            gs = sorted({Goal.of(g).goal: Goal.of(g) for g in goals}.values(), key=lambda g: g.goal)
+            if len(gs) < 2: raise ValueError(f"a goal-shuffled control needs at least 2 goals per list, got {len(gs)}")
+            r = rng(seed, 'goal-shuffle', *[g.goal for g in gs])
+            while ((p := r.permutation(len(gs))) == np.arange(len(gs))).any(): pass  # no goal keeps its own
+            self.swap.update({g.goal: gs[p[i]] for i, g in enumerate(gs)})
+        self.name = agent.name + '_goal_shuffled'
+    def knows(self, goal)->bool:
+        g = Goal.of(goal).goal
+        return g in self.swap and (not hasattr(self.agent, 'knows') or self.agent.knows(self.swap[g]))
+    def start(self, specs): self.agent.start(specs)
+    def reset(self, n): self.agent.reset(n)
+    def act(self, states, goals, idx): return self.agent.act(states, [self.swap[Goal.of(g).goal] for g in goals], idx)
+    def episode_counts(self): return self.agent.episode_counts()

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_evaluate.ipynb #c34301c6
 from __future__ import annotations
-import json, math
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,22 +15,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from .core import atomic_path, check_positive, or_list, read_json, read_jsonl, resolve, rng, stable_seed, write_json, StageTimer
+from .core import (atomic_path, check_positive, or_list, read_json, read_jsonl, resolve, rng, stable_seed, write_json, StageTimer,
+                   wilson_interval, cluster_bootstrap_interval, paired_test)
 from .babyai import (World, Goal, layout_seeds as _layout_seeds, reset_layout, encode_state, achieved, goal_feasible,
                           ACTIONS, parse_instruction)
 from .collect import start_episode
-from .agent import Agent, RandomAgent, TabularAgent, LLMAgent, NOOP
+from .agent import Agent, RandomAgent, TabularAgent, LLMAgent, BotAgent, GoalShuffled, NOOP
 from .llm import LLM, LLMConfig
+from .sft_data import plan_token_budget
 
 # %% auto #0
-__all__ = ['AGENTS', 'AGENT_POLICIES', 'EpisodeSpec', 'unique_goals', 'load_goals', 'make_episodes', 'run_episodes', 'summarize',
-           'load_selections', 'check_policies', 'NotRun', 'build_agent', 'goal_selections']
+__all__ = ['AGENTS', 'LLM_AGENTS', 'AGENT_POLICIES', 'EpisodeSpec', 'unique_goals', 'load_goals', 'bot_path', 'make_episodes',
+           'run_episodes', 'summarize', 'compare_agents', 'load_selections', 'check_policies', 'answer_budget',
+           'NotRun', 'build_agent', 'goal_selections']
 
 # %% ../nbs/09_evaluate.ipynb #cb4a502e
 @dataclass
 class EpisodeSpec:
     "One evaluation episode."
     quadrant:str; goal:Goal; layout_seed:int; episode_seed:int; start:np.ndarray
+    bot_steps:int|None=None # actions BabyAI's bot needs from this start (None: not measured, or not within the cap)
+    index:int=0 # the episode's number among its goal's episodes (the LLM agents may run the first few only)
 
 def unique_goals(goals:list, where:str)->list[Goal]:
     "Goal records, refusing an empty list or a goal (the text a policy sees) listed twice: its episodes would count twice."
@@ -45,8 +50,25 @@ def load_goals(path:str|Path)->list[Goal]:
     p = resolve(path)
     return unique_goals(read_jsonl(p), str(p))
 
+def bot_path(world:World, layout_seed:int, episode_seed:int, goal:Goal, cap:int, env=None)->int|None:
+    "Actions BabyAI's bot needs to achieve `goal` from this start (None: not within `cap`, or the bot gave up)."
+    from teduo.babyai import quiet
+    from teduo.agent import _Bot
+    env = start_episode(env or world.make_env(), layout_seed, episode_seed)
+    with quiet(): b = _Bot(env, parse_instruction(goal.instruction, world))
+    last = None
+    for t in range(cap):
+        try: a = b.act(last)
+        except Exception: return None
+        env.step(a); last = a
+        if achieved(encode_state(env), goal, a): return t + 1
+    return None
+
 def make_episodes(world:World, quadrant:str, goals:list, layouts:list[int], episodes_per_goal:int, seed:int,
-                  env=None)->tuple[list[EpisodeSpec], list[str]]:
+                  env=None,
+                  min_bot_steps:int=0, # starts the bot solves in fewer actions are redrawn (0: only starts that already achieve the goal)
+                  bot_cap:int=64, # bot path lengths are measured up to this many actions
+                 )->tuple[list[EpisodeSpec], list[str]]:
     "(episodes, skipped goal instructions)."
     goals, n = unique_goals(goals, f"quadrant {quadrant!r}"), check_positive(episodes_per_goal, 'episodes_per_goal')
     if not len(layouts): raise ValueError(f"quadrant {quadrant!r}: no layouts; expected at least one layout seed")
@@ -63,21 +85,27 @@ def make_episodes(world:World, quadrant:str, goals:list, layouts:list[int], epis
             for attempt in range(20):
                 es = stable_seed(seed, 'eval-start', quadrant, g.instruction, e, attempt)
                 s = encode_state(start_episode(env, layout, es))
-                if not achieved(s, g): break
-            specs.append(EpisodeSpec(quadrant, g, layout, es, s))
+                if achieved(s, g): continue
+                bs = bot_path(world, layout, es, g, bot_cap, env) if min_bot_steps > 0 else None
+                if bs is None or bs >= min_bot_steps: break  # a start the bot cannot solve stays: the bot row shows it
+            specs.append(EpisodeSpec(quadrant, g, layout, es, s, bs, e))
     return specs, skipped
 
 # %% ../nbs/09_evaluate.ipynb #70d5f71b
 def run_episodes(agent:Agent, specs:list[EpisodeSpec], world:World, max_steps:int, keep_states:int=0,
-                 progress:bool=True)->tuple[pd.DataFrame, dict]:
+                 progress:bool=True,
+                 give_up_after:int|None=None, # an episode whose agent gave this many unparseable answers in a row ends, failed
+                )->tuple[pd.DataFrame, dict]:
     "(one row per episode, {episode index: state trajectory} for the first `keep_states` episodes)."
     check_positive(max_steps, 'max_steps')
+    if give_up_after is not None: check_positive(give_up_after, 'give_up_after')
     envs = []
     for sp in specs:
         env = start_episode(world.make_env(), sp.layout_seed, sp.episode_seed); env.max_steps = 10**9
         envs.append(env)
-    agent.reset(len(specs))
-    n = len(specs); steps = np.zeros(n, int); invalid = np.zeros(n, int); success = np.zeros(n, bool)
+    agent.start(specs)
+    n = len(specs); steps, unparseable, no_effect, streak = (np.zeros(n, int) for _ in range(4))
+    success, gave_up = np.zeros(n, bool), np.zeros(n, bool)
     running = list(range(n)); traj = {i: [sp.start] for i, sp in enumerate(specs) if i < keep_states}
     states = [sp.start for sp in specs]
     bar = tqdm(total=max_steps, desc=f'{agent.name} steps', disable=not progress, leave=False)
@@ -86,29 +114,61 @@ def run_episodes(agent:Agent, specs:list[EpisodeSpec], world:World, max_steps:in
         acts, inv = agent.act([states[i] for i in running], [specs[i].goal for i in running], running)
         still = []
         for i, a, bad in zip(running, acts, inv):
-            envs[i].step(int(a)); steps[i] += 1; invalid[i] += int(bad)
-            states[i] = encode_state(envs[i])
+            envs[i].step(int(a)); steps[i] += 1; unparseable[i] += int(bad)
+            before, states[i] = states[i], encode_state(envs[i])
+            no_effect[i] += int(not bad and np.array_equal(before, states[i]))  # e.g. forward into a wall, drop with empty hands
             if i in traj: traj[i].append(states[i])
+            streak[i] = streak[i] + 1 if bad else 0
             if achieved(states[i], specs[i].goal, int(a)): success[i] = True
+            elif give_up_after is not None and streak[i] >= give_up_after: gave_up[i] = True  # cost bound: no action in sight
             else: still.append(i)
         running = still; bar.update(1)
     bar.close()
+    counts = agent.episode_counts()
     log = pd.DataFrame({'agent': agent.name, 'quadrant': [sp.quadrant for sp in specs],
                         'goal': [sp.goal.goal for sp in specs], 'instruction': [sp.goal.instruction for sp in specs],
                         'category': [sp.goal.category for sp in specs], 'layout_seed': [sp.layout_seed for sp in specs],
-                        'episode_seed': [sp.episode_seed for sp in specs], 'success': success, 'steps': steps,
-                        'invalid_actions': invalid})
+                        'episode_seed': [sp.episode_seed for sp in specs], 'bot_steps': [sp.bot_steps for sp in specs],
+                        'success': success, 'gave_up': gave_up, 'steps': steps,
+                        'unparseable_steps': unparseable, 'no_effect_actions': no_effect,
+                        **{k: counts.get(k, np.zeros(n, int)) for k in ('answers', 'unparseable_answers', 'retries')}})
     return log, traj
 
 # %% ../nbs/09_evaluate.ipynb #7c6f2679
-def summarize(log:pd.DataFrame, by=('agent', 'quadrant'))->pd.DataFrame:
-    "Success rate (with standard error), episode lengths and invalid-action rate per group."
+def _ratio(g:pd.DataFrame, num:str, den:str, empty:float=float('nan'))->float:
+    "sum(num) / sum(den) over a group; `empty` when the denominator is 0, NaN when a column is absent (an older log)."
+    if num not in g or den not in g: return float('nan')
+    d = g[den].sum()
+    return g[num].sum() / d if d else empty
+
+def summarize(log:pd.DataFrame, by=('agent', 'quadrant'), seed:int=0, n_boot:int=2000)->pd.DataFrame:
+    "Per group: episodes, successes, success rate with 95% Wilson and goal-clustered bootstrap intervals, lengths, waste rates."
     def f(g):
-        n, p = len(g), g.success.mean()
-        return pd.Series({'episodes': n, 'success_rate': p, 'success_se': math.sqrt(p*(1 - p)/n) if n else float('nan'),
-                          'mean_length': g.steps.mean(), 'mean_length_success': g.steps[g.success].mean() if g.success.any() else float('nan'),
-                          'invalid_action_rate': g.invalid_actions.sum() / max(g.steps.sum(), 1)})
-    return log.groupby(list(by), sort=True).apply(f, include_groups=False).reset_index()
+        n, k = len(g), int(g.success.sum())
+        cluster = g.goal.to_numpy() if 'goal' in g else np.arange(n)  # grouped by goal: each episode its own cluster
+        (lo, hi), (blo, bhi) = wilson_interval(k, n), cluster_bootstrap_interval(g.success.to_numpy(), cluster, n_boot, seed)
+        return pd.Series({'episodes': n, 'successes': k, 'success_rate': k / n, 'wilson_low': lo, 'wilson_high': hi,
+                          'bootstrap_low': blo, 'bootstrap_high': bhi, 'mean_length': g.steps.mean(),
+                          'mean_length_success': g.steps[g.success].mean() if k else float('nan'),
+                          'unparseable_answer_rate': _ratio(g, 'unparseable_answers', 'answers'),
+                          'unparseable_step_rate': _ratio(g, 'unparseable_steps', 'steps', 0.0),
+                          'no_effect_rate': _ratio(g, 'no_effect_actions', 'steps', 0.0),
+                          'gave_up_rate': g.gave_up.mean() if 'gave_up' in g else float('nan')})
+    out = log.groupby(list(by), sort=True).apply(f, include_groups=False).reset_index()
+    return out.astype({'episodes': int, 'successes': int})
+
+def compare_agents(log:pd.DataFrame, ref:str='teduo')->dict:
+    "{quadrant: {agent: two-sided test of `ref` vs agent}}: exact McNemar when both ran the same episodes, else Fisher's exact."
+    key = ['goal', 'layout_seed', 'episode_seed']
+    out = {}
+    for q, lq in log[log.agent == ref].groupby('quadrant', sort=True):
+        a = lq.set_index(key).success.sort_index()
+        for other, lo in log[(log.quadrant == q) & (log.agent != ref)].groupby('agent', sort=True):
+            b = lo.set_index(key).success.sort_index()
+            same = a.index.is_unique and a.index.equals(b.index)  # the same (goal, layout, start) episodes, in the same order
+            t = paired_test(a.to_numpy(), b.to_numpy(), paired=same)
+            out.setdefault(q, {})[other] = {**t, 'episodes': [len(a), len(b)], 'successes': [int(a.sum()), int(b.sum())]}
+    return out
 
 # %% ../nbs/09_evaluate.ipynb #c940b2ef
 def load_selections(inputs:dict)->dict:
@@ -141,29 +201,45 @@ def check_policies(policies:str|Path, # a policies file of the offline_rl stage
             raise ValueError(f"{abstractions} and {labels}: goal {lg.goal.goal!r} has selection {selections.get(lg.goal.goal)!r} "
                              f"in the abstractions, {lg.info.get('selection')!r} in the labels; expected the same")
 
-AGENTS = ('random', 'teduo', 'llm_zero_shot', 'llm_in_context', 'tabular', 'tabular_oracle', 'dqn', 'gcbc', 'il') # the comparison
+def answer_budget(max_new_tokens:int|str, # params evaluate.max_new_tokens: a number of tokens, or 'auto'
+                  max_plan_len:int, # params sft_data.max_plan_len: the longest plan the SFT data holds
+                 )->int: # new tokens an LLM agent may generate per answer
+    "'auto': what decodes the longest plan of the SFT data (`teduo.sft_data.plan_token_budget`); a number as given."
+    if max_new_tokens == 'auto': return plan_token_budget(check_positive(max_plan_len, 'params.yaml:sft_data.max_plan_len'))
+    return check_positive(max_new_tokens, 'params.yaml:evaluate.max_new_tokens')
+
+AGENTS = ('random', 'bot', 'teduo', 'llm_zero_shot', 'llm_in_context', 'tabular', 'tabular_oracle', 'dqn', 'gcbc', 'il',
+          'gcbc_goal_shuffled', 'tabular_oracle_goal_shuffled') # the comparison; *_goal_shuffled: goal-blind controls
+LLM_AGENTS = ('teduo', 'llm_zero_shot', 'llm_in_context') # the agents whose cost `llm_episodes_per_cell` bounds
 AGENT_POLICIES = {'tabular': 'q_learning_llm', 'tabular_oracle': 'q_learning_oracle', 'dqn': 'dqn_llm'} # step-2 policy files
 
 class NotRun(Exception):
     "An agent that cannot be evaluated for a reason of the run (e.g. nothing to fine-tune on): reported, not a crash."
 
 def build_agent(name:str, base:dict, world:World, inputs:dict, ev:dict, selections:dict, seed:int,
-                cache=None)->Agent:
-    "An agent of the comparison, by name."
+                cache=None, goal_lists:list[list]|None=None)->Agent:
+    "An agent of the comparison, by name (`goal_lists`: the evaluated goal lists, which a goal-shuffled control permutes)."
     if name == 'random': return RandomAgent(seed)
+    if name == 'bot': return BotAgent(world, seed)
+    if name.endswith('_goal_shuffled') and name in AGENTS:
+        if not goal_lists: raise ValueError(f"agent {name!r}: needs the evaluated goal lists to shuffle")
+        if min(map(len, goal_lists)) < 2: raise NotRun(f"a goal-shuffled control needs 2 goals per list or more, got {min(map(len, goal_lists))}")
+        return GoalShuffled(build_agent(name.removesuffix('_goal_shuffled'), base, world, inputs, ev, selections, seed, cache),
+                            goal_lists, seed)
     if name in ('teduo', 'llm_zero_shot', 'llm_in_context'):
         cfg = dict(base['llm']['policy'])
         if name == 'teduo':
             from teduo.finetune import adapter_status
-            if not inputs.get('adapter') or not resolve(inputs['adapter']).exists(): raise FileNotFoundError(f"no adapter at {inputs.get('adapter')} (run `dvc repro finetune`)")
             if why := adapter_status(inputs['adapter']): raise NotRun(why)
             cfg['adapter'] = str(inputs['adapter'])
         llm = LLM(LLMConfig.from_params(cfg, 'params.yaml:base.llm.policy'), cache)
         cot = ev.get('cot', False) and name == 'llm_in_context'
         return LLMAgent(llm, selections, world.room_size, prompt='in_context' if name == 'llm_in_context' else 'teduo',
                         cot=cot, replan_every=ev.get('replan_every', 1),
-                        max_new_tokens=ev.get('max_new_tokens', 24) * (4 if cot else 1), temperature=ev.get('temperature', 0.0),
-                        seed=seed, name=name)
+                        max_new_tokens=check_positive(ev.get('max_new_tokens', 24), 'evaluate.max_new_tokens (resolve auto with answer_budget)')
+                                       * (4 if cot else 1),
+                        temperature=ev.get('temperature', 0.0), retries=ev.get('retries', 2),
+                        retry_temperature=ev.get('retry_temperature', 0.7), seed=seed, name=name)
     if name in AGENT_POLICIES:
         from teduo.offline_rl import load_policies
         from teduo.label import load_labels

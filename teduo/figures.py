@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from .core import atomic_path, read_json, resolve, write_json, write_text
+from .core import atomic_path, read_json, resolve, write_json, write_text, wilson_interval
 from .babyai import render_state
 
 # %% auto #0
-__all__ = ['QUADRANTS', 'AGENT_NAMES', 'START', 'END', 'save_fig', 'pct', 'markdown_table', 'table1', 'plot_table1',
+__all__ = ['QUADRANTS', 'AGENT_NAMES', 'START', 'END', 'save_fig', 'pct', 'rate_cell', 'markdown_table', 'table1', 'plot_table1',
            'fixture_outputs', 'category_table', 'ablation_table', 'audit_table', 'plot_rollouts', 'webshop_frame',
            'notebook_durations', 'gather_timing', 'timing_totals', 'readme_block', 'update_readme', 'main']
 
@@ -27,7 +27,9 @@ import seaborn as sns
 QUADRANTS = ['train goals / train layouts', 'train goals / test layouts', 'test goals / train layouts', 'test goals / test layouts']
 AGENT_NAMES = {'teduo': 'TEDUO (fine-tuned LLM)', 'llm_zero_shot': 'LLM zero-shot', 'llm_in_context': 'LLM in-context (worked examples)',
                'tabular': 'TEDUO steps 1+2 (tabular)', 'tabular_oracle': 'steps 1+2, oracle labels', 'dqn': 'steps 1+2, DQN',
-               'gcbc': 'GCBC', 'il': 'IL (CNN+GRU)', 'random': 'random'}
+               'gcbc': 'GCBC', 'il': 'IL (CNN+GRU)', 'random': 'random', 'bot': 'expert (BabyAI bot): the ceiling',
+               'gcbc_goal_shuffled': 'GCBC, goal shuffled (goal-blind control)',
+               'tabular_oracle_goal_shuffled': 'steps 1+2 oracle, goal shuffled (goal-blind control)'}
 
 def save_fig(fig, path):
     "Save a figure (PNG or SVG by suffix), atomically."
@@ -35,9 +37,19 @@ def save_fig(fig, path):
     with atomic_path(p) as tmp: fig.savefig(tmp, format=p.suffix[1:], dpi=120, bbox_inches='tight')
     plt.close(fig)
 
-def pct(p, se=None)->str:
+def pct(p, lo=None, hi=None, n=None)->str:
+    "A rate in percent, with its interval and episodes when given: '41.7 [19.3, 68.0] (n=12)'."
     if p is None or pd.isna(p): return 'n/a'
-    return f"{100*p:.1f}" + (f" ± {100*se:.1f}" if se is not None and not pd.isna(se) else '')
+    out = f"{100*p:.1f}"
+    if lo is not None and hi is not None and not (pd.isna(lo) or pd.isna(hi)): out += f" [{100*lo:.1f}, {100*hi:.1f}]"
+    return out + (f" (n={int(n)})" if n is not None and not pd.isna(n) else '')
+
+def rate_cell(k, # successes
+              n, # episodes
+             )->str:
+    "k successes of n episodes as a table cell: the rate in percent, its 95% Wilson interval, n."
+    if n is None or pd.isna(n) or not n: return 'n/a'
+    return pct(k / n, *wilson_interval(int(k), int(n)), n)
 
 def markdown_table(df:pd.DataFrame)->str:
     "A GitHub markdown table (no extra dependency)."
@@ -48,22 +60,31 @@ def markdown_table(df:pd.DataFrame)->str:
 
 # %% ../nbs/10_figures.ipynb #fe229eb5
 def table1(summary:pd.DataFrame, not_run:dict|None=None)->pd.DataFrame:
-    "Agents (rows) x quadrants (columns): 'success ± se' in percent; agents in `not_run` get a row saying so."
+    "Agents (rows) x quadrants (columns): success in percent [95% Wilson interval] (n); agents in `not_run` get a row saying so."
     qs = [q for q in QUADRANTS if q in set(summary.quadrant)] or sorted(summary.quadrant.unique())
     rows = []
     for a in [a for a in AGENT_NAMES if a in set(summary.agent)] + sorted(set(summary.agent) - set(AGENT_NAMES)):
         s = summary[summary.agent == a].set_index('quadrant')
-        rows.append({'agent': AGENT_NAMES.get(a, a), **{q: pct(s.success_rate.get(q), s.success_se.get(q)) if q in s.index else 'n/a' for q in qs}})
+        rows.append({'agent': AGENT_NAMES.get(a, a), **{q: rate_cell(s.successes[q], s.episodes[q]) if q in s.index else 'n/a' for q in qs}})
     rows += [{'agent': AGENT_NAMES.get(a, a), **{q: f"not run ({why})" if i == 0 else 'not run' for i, q in enumerate(qs)}}
              for a, why in (not_run or {}).items()]
     return pd.DataFrame(rows)
 
 def plot_table1(summary:pd.DataFrame):
-    df = summary.assign(agent=summary.agent.map(lambda a: AGENT_NAMES.get(a, a)), success=100*summary.success_rate)
+    "Table 1 as bars: success rate (%) per agent and quadrant, the 95% Wilson interval as error bars."
+    agents = [a for a in AGENT_NAMES if a in set(summary.agent)] + sorted(set(summary.agent) - set(AGENT_NAMES))
+    qs = [q for q in QUADRANTS if q in set(summary.quadrant)] or sorted(summary.quadrant.unique())
     sns.set_theme(style='whitegrid', context='paper')
-    fig, ax = plt.subplots(figsize=(9, 0.35*df.agent.nunique()*max(1, df.quadrant.nunique()/2) + 1.5))
-    sns.barplot(data=df, y='agent', x='success', hue='quadrant', ax=ax, errorbar=None)
-    ax.set(xlabel='success rate (%)', ylabel='', xlim=(0, 100), title='Online success in BabyAI (Table 1)')
+    fig, ax = plt.subplots(figsize=(9, 0.35*len(agents)*max(1, len(qs)/2) + 1.5))
+    h = 0.8 / len(qs)
+    for j, q in enumerate(qs):
+        s = summary[summary.quadrant == q].set_index('agent')
+        mine = [(i, s.successes[a], s.episodes[a]) for i, a in enumerate(agents) if a in s.index]
+        p = np.array([k / n for _, k, n in mine]); ci = np.array([wilson_interval(int(k), int(n)) for _, k, n in mine]).reshape(-1, 2)
+        ax.barh([i - 0.4 + h*(j + 0.5) for i, _, _ in mine], 100*p, height=h, color=f'C{j}', label=q,
+                xerr=100*np.stack([p - ci[:, 0], ci[:, 1] - p]), error_kw=dict(lw=0.8, capsize=2))
+    ax.set_yticks(range(len(agents)), [AGENT_NAMES.get(a, a) for a in agents]); ax.invert_yaxis()
+    ax.set(xlabel='success rate (%), 95% Wilson interval', ylabel='', xlim=(0, 100), title='Online success in BabyAI (Table 1)')
     ax.legend(fontsize=7, loc='lower right')
     return fig
 
@@ -73,9 +94,11 @@ def fixture_outputs(d:Path):
     from teduo.babyai import World, reset_layout, encode_state
     import pyarrow as pa
     d = Path(d); (d/'eval').mkdir(parents=True, exist_ok=True); (d/'metrics'/'timing').mkdir(parents=True, exist_ok=True)
-    rows = [{'agent': a, 'quadrant': q, 'goal': 'go to a key', 'instruction': 'go to a key', 'category': c,
-             'layout_seed': 0, 'episode_seed': i, 'success': (i + len(a)) % 3 == 0, 'steps': 5 + i, 'invalid_actions': i % 2}
-            for a in ('teduo', 'random') for q in QUADRANTS for c in ('go to', 'open') for i in range(3)]
+    goals = {'go to': 'go to a key', 'open': 'open a door'}
+    rows = [{'agent': a, 'quadrant': q, 'goal': goals[c], 'instruction': goals[c], 'category': c, 'layout_seed': 0, 'episode_seed': i,
+             'success': a == 'teduo' and (i + j) % 3 == 0, 'steps': 5 + i, 'unparseable_steps': i % 2, 'no_effect_actions': i % 3,
+             'answers': 2*(a == 'teduo'), 'unparseable_answers': (i % 2)*(a == 'teduo'), 'retries': (i % 2)*(a == 'teduo')}
+            for a in ('teduo', 'random') for j, q in enumerate(QUADRANTS) for c in goals for i in range(3)]  # random: 0/6 everywhere
     ep = pd.DataFrame(rows); ep.to_csv(d/'eval'/'episodes.csv', index=False)
     from teduo.evaluate import summarize
     summarize(ep).to_csv(d/'eval'/'summary.csv', index=False); summarize(ep, ('agent', 'quadrant', 'category')).to_csv(d/'eval'/'categories.csv', index=False)
@@ -97,9 +120,9 @@ def fixture_outputs(d:Path):
 
 # %% ../nbs/10_figures.ipynb #828b8a11
 def category_table(cats:pd.DataFrame)->pd.DataFrame:
-    "Agents x goal categories, pooled over quadrants: success (%) and episodes."
-    pooled = cats.assign(k=cats.success_rate*cats.episodes).groupby(['agent', 'category']).agg(k=('k', 'sum'), n=('episodes', 'sum')).reset_index()
-    pooled['cell'] = [f"{100*k/n:.1f} ({int(n)})" for k, n in zip(pooled.k, pooled.n)]
+    "Agents x goal categories, pooled over quadrants: success (%) [95% Wilson interval] (n)."
+    pooled = cats.groupby(['agent', 'category']).agg(k=('successes', 'sum'), n=('episodes', 'sum')).reset_index()
+    pooled['cell'] = [rate_cell(k, n) for k, n in zip(pooled.k, pooled.n)]
     t = pooled.pivot(index='agent', columns='category', values='cell').fillna('n/a').reset_index()
     t['agent'] = t.agent.map(lambda a: AGENT_NAMES.get(a, a))
     return t
@@ -178,8 +201,9 @@ START, END = '<!-- results:start -->', '<!-- results:end -->'
 def readme_block(tables_dir:Path, timing:dict|None=None)->str:
     "The generated results section."
     parts = []
-    for f, title in (('table1.md', 'Table 1: online success rate (%) ± standard error, BabyAI default run'),
-                     ('table2_ablations.md', 'Ablations (training goals)'), ('categories.md', 'Success (%) by goal category (episodes)'),
+    for f, title in (('table1.md', 'Table 1: online success rate (%) [95% Wilson interval] (episodes), BabyAI default run'),
+                     ('table2_ablations.md', 'Ablations (training goals)'),
+                     ('categories.md', 'Success (%) by goal category [95% Wilson interval] (episodes)'),
                      ('pipeline_stats.md', 'Pipeline statistics'), ('webshop.md', 'WebShop (small): score and success rate')):
         p = Path(tables_dir)/f
         if p.exists(): parts.append(f"**{title}**\n\n{p.read_text().strip()}\n")

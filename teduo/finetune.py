@@ -76,11 +76,13 @@ def write_untrained(out_dir:str|Path, # the adapter folder the stage declares
     return summary
 
 def adapter_status(d:str|Path|None)->str|None:
-    "None if `d` holds a trained adapter, else why not (a sentence for a table row)."
-    if d is None or not resolve(d).is_dir(): return f"no adapter folder at {d}"
+    """None if `d` holds a trained adapter, else why the run has none (a sentence for a table row). A missing or
+    malformed folder is an error, not a row: the artefact is absent, or not the fine-tuning stage's."""
+    if d is None or not resolve(d).is_dir(): raise FileNotFoundError(f"no adapter folder at {d} (run the fine-tuning stage: `dvc repro`)")
     if (resolve(d)/'adapter_config.json').exists(): return None
     meta = resolve(d)/'teduo_meta.json'
-    return f"not trained: {read_json(meta).get('reason', '?')}" if meta.exists() else f"{d}: no adapter_config.json"
+    if not meta.exists(): raise ValueError(f"{d}: neither adapter_config.json nor teduo_meta.json; expected the fine-tuning stage's folder")
+    return f"not trained: {read_json(meta).get('reason', '?')}"
 
 def finetune_lora(train_path:str|Path, # prompt-completion JSONL
                   val_path:str|Path|None, # same format; None: no validation (the last step is kept)

@@ -246,22 +246,29 @@ class TransformersBackend:
         with self.torch.inference_mode():
             r = self.lm(input_ids=self.torch.tensor([ids[0][:P]], device=self.device), use_cache=True, logits_to_keep=1)
         return r.past_key_values, P
-    def generate(self, chats, max_new_tokens:int, temperature:float, seed:int, progress:bool=False):
+    def generate(self, chats, max_new_tokens:int, temperature:float, seed:int|list[int], progress:bool=False):
         """[(text, prompt_tokens, completion_tokens)] per chat: greedy (temperature 0) or sampled decoding with a KV
-        cache, the prompts' shared prefix computed once."""
+        cache, the prompts' shared prefix computed once. `seed`: one generator for the call, or one seed per chat
+        (each row then samples from its own generator, so its answer does not depend on the other rows' draws)."""
         torch = self.torch
         ids, out = self.encode_chats(chats), [None]*len(chats)
         eos = {self.tok.eos_token_id} | ({self.tok.convert_tokens_to_ids('<|eot_id|>')} if '<|eot_id|>' in self.tok.get_vocab() else set())
         kv, P = self._prefix_kv(ids)
-        gen_ = torch.Generator(device='cpu').manual_seed(seed)
+        per_row = isinstance(seed, (list, tuple))
+        if per_row and len(seed) != len(chats): raise ValueError(f"{len(seed)} seeds for {len(chats)} chats; expected one per chat")
+        gen_ = None if per_row else torch.Generator(device='cpu').manual_seed(seed)
         for b in tqdm(list(self._batches(ids)), desc='llm generate', disable=not progress, leave=False):
             new, done = [[] for _ in b], [False]*len(b)
+            gens = [torch.Generator(device='cpu').manual_seed(int(seed[i])) for i in b] if per_row else None
             with torch.inference_mode():
                 r, m, pos = self._forward([ids[i] for i in b], kv, P, use_cache=True)
                 cache, pos = reserve_kv(r.past_key_values, max_new_tokens), pos[:, -1:]
                 for t in range(max_new_tokens):
                     logits = r.logits[:, -1].float()
-                    if temperature > 0:
+                    if temperature > 0 and per_row:
+                        pr = torch.softmax(logits / temperature, -1).cpu()
+                        nxt = torch.cat([torch.multinomial(pr[j:j + 1], 1, generator=g)[:, 0] for j, g in enumerate(gens)])
+                    elif temperature > 0:
                         nxt = torch.multinomial(torch.softmax(logits / temperature, -1).cpu(), 1, generator=gen_)[:, 0]
                     else: nxt = logits.argmax(-1).cpu()
                     for j, tkn in enumerate(nxt.tolist()):
@@ -384,15 +391,17 @@ class OpenAIBackend:
     def _map(self, f, xs, progress, desc):
         with ThreadPoolExecutor(max(1, self.cfg.batch_size)) as ex:
             return list(tqdm(ex.map(f, xs), total=len(xs), desc=desc, disable=not progress, leave=False))
-    def generate(self, chats, max_new_tokens:int, temperature:float, seed:int, progress:bool=False):
-        def one(c):
+    def generate(self, chats, max_new_tokens:int, temperature:float, seed:int|list[int], progress:bool=False):
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]*len(chats)
+        def one(cs):
+            c, s_ = cs
             r = self._post({'model': self.cfg.model, 'messages': c, 'max_tokens': max_new_tokens,
-                            'temperature': temperature, 'seed': seed})
+                            'temperature': temperature, 'seed': int(s_)})
             try: text = r['choices'][0]['message']['content'] or ''
             except (KeyError, IndexError, TypeError): raise ValueError(f"{self.cfg.base_url}: malformed response {str(r)[:300]}") from None
             u = r.get('usage') or {}
             return text, int(u.get('prompt_tokens', 0)), int(u.get('completion_tokens', 0))
-        return self._map(one, chats, progress, 'llm generate')
+        return self._map(one, list(zip(chats, seeds)), progress, 'llm generate')
     def score(self, chats, choices:list[str], progress:bool=False):
         "Log-probs of each choice's first token from the first answer token's top log-probs (-inf if absent)."
         def one(c):
@@ -431,28 +440,38 @@ class LLM:
     def backend(self):
         if self._backend is None: self._backend = (TransformersBackend if self.cfg.backend == 'transformers' else OpenAIBackend)(self.cfg)
         return self._backend
-    def _cached(self, op:str, chats:list, params:dict, run:Callable, keep:Callable[[Any], bool]=lambda v: True)->list:
-        "Answers from the cache, the misses from `run`; only answers that pass `keep` are stored (or served)."
-        keys = [LLMCache.key(self.fingerprint, op, c, params) for c in chats]
+    def _cached(self, op:str, chats:list, params:dict|list[dict], run:Callable, keep:Callable[[Any], bool]=lambda v: True)->list:
+        """Answers from the cache, the misses from `run`; only answers that pass `keep` are stored (or served).
+        `params`: the call's, or one dict per chat (then `run(chats, params)` gets the misses' own)."""
+        per = isinstance(params, list)
+        keys = [LLMCache.key(self.fingerprint, op, c, p) for c, p in zip(chats, params if per else [params]*len(chats))]
         got = {k: v for k, v in self.cache.get_many(list(dict.fromkeys(keys))).items() if keep(v)}
         todo = list(dict.fromkeys(k for k in keys if k not in got))  # each distinct miss computed once
         self.stats['cache_hits'] += len(keys) - len([k for k in keys if k not in got])
         if todo:
             first = {k: c for k, c in zip(keys, chats)}
-            new = run([first[k] for k in todo])
+            if per:
+                pk = dict(zip(keys, params)); new = run([first[k] for k in todo], [pk[k] for k in todo])
+            else: new = run([first[k] for k in todo])
             self.stats['calls'] += len(todo)
             fresh = dict(zip(todo, new)); good = {k: v for k, v in fresh.items() if keep(v)}
             self.stats['empty_answers'] += len(fresh) - len(good)
             self.stats['not_cached'] += self.cache.put_many(good); got.update(fresh)
         return [got[k] for k in keys]
-    def generate(self, chats:list[list[dict]], max_new_tokens:int=64, temperature:float=0.0, seed:int=0,
+    def generate(self, chats:list[list[dict]], max_new_tokens:int=64, temperature:float=0.0, seed:int|list[int]=0,
                  progress:bool=False)->list[str]:
-        "One answer text per chat."
-        def run(cs):
-            res = self.backend.generate(cs, max_new_tokens, temperature, seed, progress)
+        """One answer text per chat. `seed`: one for the call, or one per chat (batched re-asks: a chat's sampled answer
+        and cache key depend on its own seed only, not on which other chats share the call or were cached)."""
+        def run(cs, ps=None):
+            res = self.backend.generate(cs, max_new_tokens, temperature, seed if ps is None else [p['seed'] for p in ps], progress)
             for _, p, c in res: self.stats['prompt_tokens'] += p; self.stats['completion_tokens'] += c
             return [t for t, _, _ in res]
-        return self._cached('generate', chats, dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed), run,
+        gp = lambda s_: dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=s_)
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != len(chats): raise ValueError(f"{len(seed)} seeds for {len(chats)} chats; expected one per chat")
+            params = [gp(int(s_)) for s_ in seed]
+        else: params = gp(seed)
+        return self._cached('generate', chats, params, run,
                             keep=lambda t: isinstance(t, str) and bool(t.strip()))  # a failure is asked again, never cached
     def score(self, chats:list[list[dict]], choices:list[str], progress:bool=False)->np.ndarray:
         "(n_chats, n_choices) log-probabilities of each allowed answer."

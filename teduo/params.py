@@ -199,9 +199,11 @@ BABYAI_SECTIONS = {
                        'gcbc': Keys({'epochs': Int(1), 'lr': POSITIVE, 'batch': Int(1), 'hidden': Int(1),
                                      'labels': Choice(tuple(REWARD_KEYS)), 'max_examples': Int(1)}),
                        **paths('out_dir', 'metrics', 'timing')}),
-    'evaluate': Keys({'agents': ListOf(Choice(AGENTS), unique=True), 'goals_per_quadrant': Int(1), 'episodes_per_goal': Int(1),
+    'evaluate': Keys({'agents': ListOf(Choice(AGENTS), unique=True), 'goals_per_quadrant': Opt(Int(1)), 'episodes_per_goal': Opt(Int(1)),
                       'max_steps': Int(1), **paths('cache', 'out_dir', 'metrics', 'timing')},
-                     {'replan_every': Opt(Int(1)), 'max_new_tokens': Int(1), 'temperature': Num(0), 'cot': Bool(),
+                     {'episodes_per_cell': Opt(Int(1)), 'llm_episodes_per_cell': Opt(Int(1)), 'min_bot_steps': Int(0),
+                      'give_up_after': Opt(Int(1)), 'replan_every': Opt(Int(1)), 'max_new_tokens': Either((Choice(('auto',)), Int(1))), # auto: sized from sft_data.max_plan_len
+                      'temperature': Num(0), 'retries': Int(0), 'retry_temperature': Num(0), 'cot': Bool(),
                       'inputs': Keys({}, paths('train_goals', 'test_goals', 'abstractions', 'labels', 'policies', 'adapter', 'baselines'))}),
     'figures': Keys({**paths('eval_dir', 'metrics_dir', 'out_dir', 'timing_out'), 'frames_per_strip': Int(1)},
                     {'stages_file': Opt(PATH)}),

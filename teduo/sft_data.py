@@ -18,8 +18,8 @@ from .label import load_labels, LabeledGoal, REWARD_KEYS
 from .offline_rl import empirical_mdp, greedy_actions, load_policies
 
 # %% auto #0
-__all__ = ['POLICY_SYSTEM', 'policy_chat', 'format_actions', 'parse_actions', 'Plan', 'most_likely_next', 'rollout', 'replay',
-           'sft_examples', 'split_examples']
+__all__ = ['POLICY_SYSTEM', 'policy_chat', 'format_actions', 'parse_actions', 'parse_action_prefix', 'plan_token_budget', 'Plan',
+           'most_likely_next', 'rollout', 'replay', 'sft_examples', 'split_examples']
 
 # %% ../nbs/06_sft_data.ipynb #32446597
 POLICY_SYSTEM = ("You control an agent in a grid world of rooms. Actions: 0 turn left, 1 turn right, 2 move forward, "
@@ -43,6 +43,24 @@ def parse_actions(text:str)->list[int]:
     if not acts: raise ValueError("empty action list")
     if any(a >= len(ACTIONS) for a in acts): raise ValueError(f"action outside 0..{len(ACTIONS) - 1}: {acts}")
     return acts
+
+_ACTION_IDS = {str(a) for a in range(len(ACTIONS))}
+
+def parse_action_prefix(text:str)->list[int]:
+    "The actions an answer's list starts with, up to its first item that is not an action (a cut answer keeps its start); ValueError if none."
+    m = re.match(r'\s*\[', text)
+    if not m: raise ValueError(f"not an action list: {text[:60]!r}")
+    acts = []
+    for item in text[m.end():].split(']', 1)[0].split(','):
+        if item.strip() not in _ACTION_IDS: break
+        acts.append(int(item))
+    if not acts: raise ValueError(f"no action at the start of the list: {text[:60]!r}")
+    return acts
+
+def plan_token_budget(n_actions:int, # the longest plan an answer must hold (params sft_data.max_plan_len)
+                     )->int: # new tokens to generate
+    "New tokens that decode a plan of `n_actions`: one per character of `format_actions`, one for a leading space, one to end the turn."
+    return len(format_actions([0]*n_actions)) + 2
 
 # %% ../nbs/06_sft_data.ipynb #d478bf18
 @dataclass

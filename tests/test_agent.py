@@ -1,13 +1,14 @@
-"""Agents: the policy prompt and answer format, strict answer parsing, the LLM agent's open/closed loop and invalid
-answers, batched vs one-at-a-time LLM agents on a tiny llama, and the tabular agent's lookup."""
+"""Agents: the policy prompt and answer format, strict and longest-valid-prefix parsing, the LLM agent's open/closed
+loop, its re-asks of unparseable answers (seeded, never frozen on a cached answer), the decode budget of the longest
+SFT plan, batched vs one-at-a-time LLM agents on a tiny llama, and the tabular agent's lookup."""
 import numpy as np
 import pytest
 
 from teduo.babyai import World, Goal, ACTIONS, reset_layout, encode_state, state_text
 from teduo.abstract import make_abstractions, abstract_states, abstract_text
-from teduo.sft_data import POLICY_SYSTEM, policy_chat, format_actions, parse_actions
+from teduo.sft_data import POLICY_SYSTEM, policy_chat, format_actions, parse_actions, parse_action_prefix, plan_token_budget
 from teduo.agent import NOOP, RandomAgent, TabularAgent, LLMAgent, parse_answer, in_context_chat, IN_CONTEXT_EXAMPLES
-from teduo.evaluate import make_episodes, run_episodes
+from teduo.evaluate import make_episodes, run_episodes, answer_budget
 from teduo.llm import LLM, LLMConfig
 from fakes import ScriptedBackend, last_user, POLICY_ANSWERS
 
@@ -52,6 +53,21 @@ def test_malformed_answers_are_refused(bad):
     with pytest.raises(ValueError): parse_actions(bad)
 
 
+@pytest.mark.parametrize('text,want', [
+    ('[2, 2, 1]', [2, 2, 1]), (' [2,2 , 1] then I stop', [2, 2, 1]), ('[2, 2, 1, 3', [2, 2, 1, 3]),  # cut by the budget
+    ('[2, 2, 1, ', [2, 2, 1]), ('[2, 9, 1]', [2]), ('[1, 2,]', [1, 2]), ('[2, x, 1]', [2]), ('[0, 12]', [0]),
+    ('[2, 5 and then 3]', [2]), ('[6]', [6]), ('[3]\n[4]', [3])])
+def test_answers_are_acted_out_as_far_as_they_are_valid(text, want):
+    assert parse_action_prefix(text) == parse_answer(text) == want
+    assert parse_answer('First I turn. Answer: ' + text, cot=True) == want
+
+
+@pytest.mark.parametrize('bad', ['', 'move forward', '2, 2, 1', '[]', '[ ]', '[7]', '[12]', '[-1]', '[2.5]', '(2, 1)', 'Answer: [2]',
+                                 '[x, 2]', '[, 2]'])
+def test_answers_without_a_valid_prefix_are_unparseable(bad):
+    with pytest.raises(ValueError): parse_action_prefix(bad)
+
+
 def test_in_context_prompt_holds_the_worked_examples():
     c = in_context_chat('go to a key', 'S', cot=True)
     assert len(c) == 1 + 2*len(IN_CONTEXT_EXAMPLES) + 1 and c[-1]['content'] == 'State:\nS\nGoal: go to a key'
@@ -89,8 +105,100 @@ def test_invalid_answers_become_counted_noops():
     acts, inv = _steps(agent, ['g ok', 'g bad', 'g empty'], 2)
     assert acts[0] == [2, 1] and inv[0] == [False, False]
     assert acts[1] == [NOOP, NOOP] and inv[1] == [True, True] and acts[2] == [NOOP, NOOP] and inv[2] == [True, True]
-    assert agent.invalid_answers == 4 and agent.queries == 1 + 2*2, 'an invalid answer is re-asked next step'
+    # each step, an unparseable answer is re-asked twice (sampled) before the step becomes a no-op; the next step asks again
+    assert agent.queries == 1 + 2*2 and agent.reasks == 2*2*2 and agent.invalid_answers == 2*2*3 and agent.unanswered == 4
+    c = agent.episode_counts()
+    assert c['answers'].tolist() == [1, 6, 6] and c['unparseable_answers'].tolist() == [0, 6, 6] and c['retries'].tolist() == [0, 4, 4]
+    assert be.n_prompts() == 1 + 2*2*3, 'a re-ask is a call of its own'
+    none, be = scripted_agent({'g': 'no idea'}, replan_every=None, retries=0)  # retries 0 (or retry_temperature 0): no re-asks
+    none.reset(1); _steps(none, ['g'], 2)
+    assert none.reasks == 0 and none.invalid_answers == 2 and be.n_prompts() == 2
     assert NOOP == ACTIONS.index('done')
+
+
+class Sampling:
+    "A backend whose answer is fn(chat, temperature, seed); it records (temperature, seed) of every prompt it answers."
+    def __init__(self, fn): self.fn, self.asked = fn, []
+    def generate(self, chats, max_new_tokens, temperature, seed, progress=False):
+        seeds = list(seed) if isinstance(seed, list) else [seed]*len(chats)  # re-asks: one seed per chat
+        self.asked += [(temperature, s) for s in seeds]
+        return [(self.fn(c, temperature, s), 10, 3) for c, s in zip(chats, seeds)]
+
+
+def sampling_agent(fn, **kw):
+    be = Sampling(fn)
+    return LLMAgent(LLM(LLMConfig('scripted'), None, backend=be), {}, RS, **kw), be
+
+
+def test_an_unparseable_answer_followed_by_a_valid_reask_unfreezes_the_episode():
+    "Greedy decoding answers garbage in every state; a sampled re-ask answers a plan: the episode moves, in the same step."
+    fn = lambda c, t, s: '[1, 1, 2]' if t > 0 else 'Sure, let me think about it'
+    specs, _ = make_episodes(WORLD, 'q', ['go to the red ball'], list(range(4)), 1, seed=0)
+    frozen, _ = sampling_agent(fn, replan_every=1, retries=0)
+    log, traj = run_episodes(frozen, specs, WORLD, max_steps=5, keep_states=1, progress=False)
+    assert log.unparseable_steps[0] == 5 and all((s == traj[0][0]).all() for s in traj[0]), 'without re-asks: frozen'
+    agent, be = sampling_agent(fn, replan_every=1, retries=2, retry_temperature=0.7)
+    log, traj = run_episodes(agent, specs, WORLD, max_steps=5, keep_states=1, progress=False)
+    assert log.unparseable_steps[0] == 0 and log.answers[0] == 2*log.steps[0] and log.retries[0] == log.steps[0]
+    assert log.unparseable_answers[0] == log.steps[0] and any((s != traj[0][0]).any() for s in traj[0])
+    assert {t for t, _ in be.asked} == {0.0, 0.7} and len({s for t, s in be.asked if t > 0}) == log.steps[0], 'a seed per step'
+
+
+def test_a_failed_step_is_asked_again_with_new_seeds_not_the_cached_failure():
+    """All tries of step 0 fail; the no-op leaves the state unchanged, so step 1's greedy answer comes from the cache, but its
+    re-asks have new seeds (part of the cache key) and succeed."""
+    tries = iter(['no', 'still no', 'nope'] + ['[2]']*20)
+    agent, be = sampling_agent(lambda c, t, s: next(tries) if t > 0 else 'garbage', replan_every=None, retries=2)
+    agent.reset(1)
+    s0 = S[0]
+    a0, bad0 = agent.act([s0], ['g'], [0])
+    a1, bad1 = agent.act([s0], ['g'], [0])  # the same state and prompt: `done` changed nothing
+    assert (a0.tolist(), bad0.tolist(), a1.tolist(), bad1.tolist()) == ([NOOP], [True], [2], [False])
+    # step 0: the greedy answer and 2 re-asks; step 1: the greedy answer from the cache, a 3rd failure, then the plan
+    assert agent.llm.stats['cache_hits'] == 1 and be.asked[0] == (0.0, 0) and len(be.asked) == 1 + 2 + 2
+    seeds = [s for t, s in be.asked if t > 0]
+    assert len(set(seeds)) == 4 and agent.unanswered == 1 and agent.reasks == 4
+
+
+def test_reasks_are_seeded_by_episode_not_by_batch_position():
+    "The re-ask seed comes from (agent seed, goal, start state, step, attempt): batched and one-episode runs agree, and so do two runs."
+    fn = lambda c, t, s: f"[{s % 6}, {s // 7 % 6}]" if t > 0 and s % 3 else 'hmm'
+    specs, _ = make_episodes(WORLD, 'q', ['go to the red ball', 'open a door'], list(range(6)), 3, seed=0)
+    logs = [run_episodes(sampling_agent(fn, replan_every=None, seed=seed)[0], specs, WORLD, max_steps=6, keep_states=len(specs),
+                         progress=False) for seed in (0, 0, 1)]
+    assert logs[0][0].equals(logs[1][0]) and not logs[0][0].equals(logs[2][0])
+    cols = ['success', 'steps', 'unparseable_steps', 'no_effect_actions', 'answers', 'unparseable_answers', 'retries']
+    for i, sp in enumerate(specs[::-1]):  # one at a time, in another order
+        one, traj = run_episodes(sampling_agent(fn, replan_every=None)[0], [sp], WORLD, max_steps=6, keep_states=1, progress=False)
+        j = len(specs) - 1 - i
+        assert one.iloc[0][cols].tolist() == logs[0][0].iloc[j][cols].tolist()
+        assert all((x == y).all() for x, y in zip(traj[0], logs[0][1][j]))
+    assert logs[0][0].retries.sum() > 0
+
+
+def test_the_decode_budget_covers_the_longest_sft_plan(tiny_llama, root):
+    "plan_token_budget(max_plan_len) tokens decode any plan of max_plan_len actions (SmolLM2's tokenizer), end of turn included."
+    import yaml
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    n = yaml.safe_load((root/'params.yaml').read_text())['sft_data']['max_plan_len']
+    budget = answer_budget('auto', n)
+    assert budget == plan_token_budget(n) == 3*n + 2 and answer_budget(24, n) == 24
+    r = np.random.default_rng(0)
+    plans = [[a]*n for a in range(len(ACTIONS))] + [r.integers(len(ACTIONS), size=n).tolist() for _ in range(50)]
+    for plan in plans:
+        for text in (format_actions(plan), ' ' + format_actions(plan)):
+            assert len(tok(text, add_special_tokens=False)['input_ids']) + 1 <= budget
+    class Truncating:
+        "A model that answers the plan, cut to `max_new_tokens` tokens as a decoder would cut it."
+        def generate(self, chats, max_new_tokens, temperature, seed, progress=False):
+            ids = tok(format_actions(plans[-1]), add_special_tokens=False)['input_ids'] + [tok.eos_token_id]
+            return [(tok.decode(ids[:max_new_tokens], skip_special_tokens=True), 10, min(len(ids), max_new_tokens)) for _ in chats]
+    for mnt, acted in ((budget, n), (24, 8)):  # the old 24-token budget: the first 8 actions, still acted out
+        agent = LLMAgent(LLM(LLMConfig('scripted'), None, backend=Truncating()), {}, RS, replan_every=None, max_new_tokens=mnt)
+        agent.reset(1)
+        got = [int(agent.act([S[0]], ['g'], [0])[0][0]) for _ in range(acted)]
+        assert got == plans[-1][:acted] and agent.queries == 1 and agent.invalid_answers == 0
 
 
 def test_closed_loop_asks_every_step_open_loop_runs_the_plan():
@@ -145,7 +253,8 @@ def test_batched_and_unbatched_llm_agents_pick_identical_actions(tiny_policy_lla
     assert a.tolist() == [int(x[0][0]) for x in singles] and inv.tolist() == [bool(x[1][0]) for x in singles]
     assert (~inv).sum() >= 8, 'the stand-in policy must mostly answer valid action lists'
     assert len(set(a[~inv].tolist())) >= 2
-    assert batched.llm.stats['calls'] == one.llm.stats['calls'] == 16 and batched.queries == one.queries == 16
+    assert batched.queries == one.queries == 16 and batched.reasks == one.reasks
+    assert batched.llm.stats['calls'] == one.llm.stats['calls'] == 16 + batched.reasks
 
 
 def test_batched_rollouts_equal_one_episode_at_a_time(tiny_policy_llama):
@@ -158,9 +267,10 @@ def test_batched_rollouts_equal_one_episode_at_a_time(tiny_policy_llama):
     single = mk(1)
     for i, sp in enumerate(specs):
         l1, t1 = run_episodes(single, [sp], WORLD, max_steps=6, keep_states=1, progress=False)
-        assert l1.iloc[0][['success', 'steps', 'invalid_actions']].tolist() == log.iloc[i][['success', 'steps', 'invalid_actions']].tolist()
+        cols = ['success', 'steps', 'unparseable_steps', 'no_effect_actions', 'answers', 'unparseable_answers', 'retries']
+        assert l1.iloc[0][cols].tolist() == log.iloc[i][cols].tolist()
         assert len(t1[0]) == len(traj[i]) and all((x == y).all() for x, y in zip(t1[0], traj[i]))
-    assert log.invalid_actions.sum() < log.steps.sum()
+    assert log.unparseable_steps.sum() < log.steps.sum()
 
 
 # ---------------------------------------------------------------- tabular and random agents

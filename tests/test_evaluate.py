@@ -9,8 +9,9 @@ import pytest
 from teduo.babyai import World, Goal, encode_state, achieved, goal_feasible, reset_layout, synthetic_instructions
 from teduo.collect import start_episode
 from teduo.core import write_json, write_jsonl, read_json
-from teduo.evaluate import summarize, make_episodes, run_episodes, load_goals, load_selections, build_agent
-from teduo.figures import fixture_outputs, table1, pct, QUADRANTS, AGENT_NAMES
+from teduo.core import wilson_interval
+from teduo.evaluate import summarize, compare_agents, make_episodes, run_episodes, load_goals, load_selections, build_agent
+from teduo.figures import fixture_outputs, table1, category_table, pct, rate_cell, QUADRANTS, AGENT_NAMES
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,34 +24,104 @@ WORLD = World()
 def _log():
     rows = []
     # agent a, quadrant q1: 4 episodes (3 successes), go to: 2, open: 2
-    for cat, ok, steps, inv in [('go to', True, 4, 0), ('go to', False, 10, 5), ('open', True, 2, 0), ('open', True, 6, 1)]:
-        rows.append(dict(agent='a', quadrant='q1', category=cat, success=ok, steps=steps, invalid_actions=inv))
+    for cat, ok, steps, inv, ne in [('go to', True, 4, 0, 1), ('go to', False, 10, 5, 2), ('open', True, 2, 0, 0), ('open', True, 6, 1, 0)]:
+        rows.append(dict(agent='a', quadrant='q1', category=cat, success=ok, steps=steps, unparseable_steps=inv, no_effect_actions=ne,
+                         answers=steps, unparseable_answers=inv))
     # agent a, quadrant q2: 2 failures
-    rows += [dict(agent='a', quadrant='q2', category='open', success=False, steps=8, invalid_actions=8)] * 2
-    # agent b, quadrant q1: 1 success out of 3
-    rows += [dict(agent='b', quadrant='q1', category='go to', success=s, steps=st, invalid_actions=0)
-             for s, st in [(True, 3), (False, 9), (False, 9)]]
+    rows += [dict(agent='a', quadrant='q2', category='open', success=False, steps=8, unparseable_steps=8, no_effect_actions=0,
+                  answers=8, unparseable_answers=8)] * 2
+    # agent b, quadrant q1: 1 success out of 3, no LLM answers
+    rows += [dict(agent='b', quadrant='q1', category='go to', success=s, steps=st, unparseable_steps=0, no_effect_actions=st,
+                  answers=0, unparseable_answers=0) for s, st in [(True, 3), (False, 9), (False, 9)]]
     return pd.DataFrame(rows)
 
 
-def test_summarize_success_rate_se_lengths_and_invalid_rate():
+def test_summarize_counts_rates_intervals_lengths_and_waste():
     s = summarize(_log()).set_index(['agent', 'quadrant'])
     assert list(s.index) == [('a', 'q1'), ('a', 'q2'), ('b', 'q1')]
     r = s.loc[('a', 'q1')]
-    assert r.episodes == 4 and r.success_rate == 0.75 and r.success_se == pytest.approx(math.sqrt(.75*.25/4))
-    assert r.mean_length == 5.5 and r.mean_length_success == 4.0 and r.invalid_action_rate == pytest.approx(6/22)
+    assert (r.episodes, r.successes) == (4, 3) and r.success_rate == 0.75
+    assert (r.wilson_low, r.wilson_high) == pytest.approx(wilson_interval(3, 4))
+    assert r.mean_length == 5.5 and r.mean_length_success == 4.0 and r.unparseable_step_rate == pytest.approx(6/22)
+    assert r.no_effect_rate == pytest.approx(3/22) and r.unparseable_answer_rate == pytest.approx(6/22)
     r = s.loc[('a', 'q2')]
-    assert r.success_rate == 0 and r.success_se == 0 and math.isnan(r.mean_length_success) and r.invalid_action_rate == 1.0
+    assert r.success_rate == 0 and r.wilson_low == 0 and r.wilson_high > 0.5 and math.isnan(r.mean_length_success)
+    assert r.unparseable_step_rate == 1.0 and (r.bootstrap_low, r.bootstrap_high) == (0.0, 0.0)
     r = s.loc[('b', 'q1')]
-    assert r.success_rate == pytest.approx(1/3) and r.success_se == pytest.approx(math.sqrt(2/9/3)) and r.mean_length_success == 3
+    assert r.success_rate == pytest.approx(1/3) and r.mean_length_success == 3 and r.no_effect_rate == 1.0
+    assert math.isnan(r.unparseable_answer_rate), 'an agent that answers no text has no unparseable-answer rate'
     c = summarize(_log(), ('agent', 'quadrant', 'category')).set_index(['agent', 'quadrant', 'category'])
     assert c.loc[('a', 'q1', 'go to')].success_rate == 0.5 and c.loc[('a', 'q1', 'open')].success_rate == 1.0
-    assert c.loc[('a', 'q1', 'open')].invalid_action_rate == pytest.approx(1/8) and c.episodes.sum() == len(_log())
+    assert c.loc[('a', 'q1', 'open')].unparseable_step_rate == pytest.approx(1/8) and c.episodes.sum() == len(_log())
 
 
 def test_summarize_never_divides_by_zero_steps():
-    log = pd.DataFrame([dict(agent='a', quadrant='q', category='open', success=True, steps=0, invalid_actions=0)])
-    assert summarize(log).iloc[0].invalid_action_rate == 0.0
+    log = pd.DataFrame([dict(agent='a', quadrant='q', category='open', success=True, steps=0, unparseable_steps=0, no_effect_actions=0)])
+    r = summarize(log).iloc[0]
+    assert r.unparseable_step_rate == 0.0 and r.no_effect_rate == 0.0 and math.isnan(r.unparseable_answer_rate)
+
+
+def _synthetic(outcomes:dict)->pd.DataFrame:
+    "An episode log of one agent and quadrant: {goal: [success, ...]}."
+    return pd.DataFrame([dict(agent='a', quadrant='q', goal=g, success=bool(x), steps=8) for g, xs in outcomes.items() for x in xs])
+
+
+Z = 1.959964
+
+
+def test_wilson_intervals_on_synthetic_logs_with_known_answers():
+    none = summarize(_synthetic({f'g{i}': [0]*3 for i in range(4)})).iloc[0]  # 0/12: the issue's "0.0 ± 0.0"
+    assert (none.episodes, none.successes, none.wilson_low) == (12, 0, 0.0)
+    assert none.wilson_high == pytest.approx(Z**2/(12 + Z**2)) == pytest.approx(0.2425, abs=1e-4)
+    all_ = summarize(_synthetic({f'g{i}': [1]*3 for i in range(4)})).iloc[0]  # 12/12
+    assert all_.wilson_high == 1.0 and all_.wilson_low == pytest.approx(12/(12 + Z**2))
+    some = summarize(_synthetic({'g0': [1, 1, 1], 'g1': [1, 1, 0], 'g2': [0, 0, 0], 'g3': [0, 0, 0]})).iloc[0]  # 5/12
+    assert (some.wilson_low, some.wilson_high) == pytest.approx((0.19326, 0.68049), abs=1e-5)
+    assert rate_cell(some.successes, some.episodes) == '41.7 [19.3, 68.0] (n=12)'
+
+
+def test_goal_clustered_bootstrap_on_synthetic_logs_with_known_answers():
+    same = summarize(_synthetic({f'g{i}': [1, 0] for i in range(5)})).iloc[0]  # every goal 1/2: every resample is 0.5
+    assert (same.bootstrap_low, same.bootstrap_high) == (0.5, 0.5)
+    split = summarize(_synthetic({'g0': [1]*3, 'g1': [1]*3, 'g2': [0]*3, 'g3': [0]*3})).iloc[0]
+    # 4 goals, 2 always solved: a resample of 4 goals has all-failed or all-solved goals with probability 1/16 each (> 2.5%)
+    assert (split.bootstrap_low, split.bootstrap_high) == (0.0, 1.0) and (split.wilson_low, split.wilson_high) == pytest.approx((0.2538, 0.7462), abs=1e-4)
+    by_goal = summarize(_synthetic({'g0': [1, 0, 1, 0], 'g1': [1]*4}), ('agent', 'goal')).set_index('goal')  # episodes are the clusters
+    assert by_goal.loc['g0'].bootstrap_low < 0.5 < by_goal.loc['g0'].bootstrap_high and by_goal.loc['g1'].bootstrap_low == 1.0
+    log = _synthetic({f'g{i}': np.random.default_rng(i).integers(2, size=5).tolist() for i in range(6)})
+    a, b = summarize(log), summarize(log)  # seeded: the same intervals every run
+    assert a.equals(b) and a.bootstrap_low[0] <= a.success_rate[0] <= a.bootstrap_high[0]
+
+
+def test_teduo_is_tested_against_each_agent_per_quadrant():
+    base = _synthetic({'g0': [1, 1, 1, 1], 'g1': [1, 1, 1, 1], 'g2': [0, 0, 1, 1]}).assign(layout_seed=0, episode_seed=list(range(12)))
+    other = base.assign(agent='random', success=[False]*12)
+    fewer = base.iloc[:6].assign(agent='tabular', success=True)  # not the same episodes: unpaired
+    t = compare_agents(pd.concat([base.assign(agent='teduo'), other, fewer, base.assign(agent='teduo', quadrant='q2')]))
+    assert set(t) == {'q'} and set(t['q']) == {'random', 'tabular'}, 'a quadrant without another agent has no test'
+    r = t['q']['random']
+    assert (r['test'], r['a_only'], r['b_only'], r['episodes'], r['successes']) == ('exact McNemar', 10, 0, [12, 12], [10, 0])
+    assert r['p_value'] == pytest.approx(2 * 0.5**10, abs=1e-6)  # two-sided: 10 discordant pairs, all for TEDUO
+    assert t['q']['tabular']['test'] == "Fisher's exact" and t['q']['tabular']['table'] == [[10, 2], [6, 0]]
+    assert compare_agents(other) == {}, 'no TEDUO episodes: no tests'
+
+
+def test_run_episodes_counts_unparseable_steps_and_moves_without_effect_apart():
+    from teduo.agent import Agent, LLMAgent
+    from teduo.llm import LLM, LLMConfig
+    from fakes import ScriptedBackend
+    class Fixed(Agent):
+        def __init__(self, a): self.a, self.name = a, f'always {a}'
+        def act(self, states, goals, idx): return np.full(len(idx), self.a), np.zeros(len(idx), bool)
+    specs, _ = make_episodes(WORLD, 'q', ['go to the tile (1,1)'], LAYOUTS, 2, seed=0)
+    done, _ = run_episodes(Fixed(6), specs, WORLD, max_steps=5, progress=False)   # `done`: never changes the state
+    turn, _ = run_episodes(Fixed(0), specs, WORLD, max_steps=5, progress=False)   # turning always does
+    assert (done.no_effect_actions == 5).all() and (turn.no_effect_actions == 0).all()
+    assert (done.unparseable_steps == 0).all() and (done.answers == 0).all()
+    llm = LLMAgent(LLM(LLMConfig('scripted'), None, backend=ScriptedBackend(lambda c: 'no')), {}, WORLD.room_size, retries=1)
+    garbage, _ = run_episodes(llm, specs, WORLD, max_steps=5, progress=False)
+    assert (garbage.unparseable_steps == 5).all() and (garbage.no_effect_actions == 0).all(), 'a no-op of an unparseable step is not a move'
+    assert (garbage.answers == 10).all() and (garbage.unparseable_answers == 10).all() and (garbage.retries == 5).all()
 
 
 # ---------------------------------------------------------------- episode planning
@@ -216,14 +287,15 @@ def test_evaluate_notebook_on_a_goal_file(nb_env, tmp_path):
     specs, skipped = make_episodes(WORLD, 'custom', goals, LAYOUTS, 2, seed=0)  # the notebook's defaults: seed 0, World()
     assert not skipped and len(ep) == len(specs) == 4
     assert ep.columns.tolist() == ['agent', 'quadrant', 'goal', 'instruction', 'category', 'layout_seed', 'episode_seed',
-                                   'success', 'steps', 'invalid_actions']
+                                   'bot_steps', 'success', 'gave_up', 'steps', 'unparseable_steps', 'no_effect_actions', 'answers', 'unparseable_answers', 'retries']
     assert (ep.agent == 'random').all() and (ep.quadrant == 'custom').all()
     assert ep.goal.tolist() == [s.goal.goal for s in specs] and ep.instruction.tolist() == [s.goal.instruction for s in specs]
     assert ep.layout_seed.tolist() == [s.layout_seed for s in specs] and ep.episode_seed.tolist() == [s.episode_seed for s in specs]
     assert ep.category.tolist() == ['go to', 'go to', 'open', 'open']
-    assert ep.steps.between(1, 8).all() and (ep.steps[~ep.success] == 8).all() and (ep.invalid_actions == 0).all()
+    assert ep.steps.between(1, 8).all() and (ep.steps[~ep.success] == 8).all() and (ep.unparseable_steps == 0).all()
     summary = pd.read_csv(tmp_path/'eval'/'summary.csv')
     assert len(summary) == 1 and summary.episodes[0] == 4 and summary.success_rate[0] == pytest.approx(ep.success.mean())
+    assert summary.successes[0] == ep.success.sum() and summary.wilson_low[0] <= summary.success_rate[0] <= summary.wilson_high[0]
     assert set(pd.read_csv(tmp_path/'eval'/'categories.csv').category) == {'go to', 'open'}
     assert (tmp_path/'eval'/'rollouts.parquet').exists()
 
@@ -260,13 +332,76 @@ def test_figures_notebook_on_fixture_outputs(nb_env, tmp_path):
     t1 = (out/'tables'/'table1.md').read_text().splitlines()
     assert t1[0] == '| agent | ' + ' | '.join(QUADRANTS) + ' |'
     row = summary[(summary.agent == 'teduo') & (summary.quadrant == QUADRANTS[0])].iloc[0]
-    assert t1[2].startswith(f"| {AGENT_NAMES['teduo']} | {pct(row.success_rate, row.success_se)} |")
-    assert t1[3].startswith(f"| {AGENT_NAMES['random']} |") and len(t1) == 4
+    assert t1[2].startswith(f"| {AGENT_NAMES['teduo']} | {rate_cell(row.successes, row.episodes)} |")
+    assert t1[3].startswith(f"| {AGENT_NAMES['random']} | 0.0 [0.0, ") and len(t1) == 4
+    for f in ('table1', 'categories', 'table2_ablations'):
+        text = (out/'tables'/f'{f}.md').read_text()
+        assert '±' not in text and '(n=' in text, f
 
 
-def test_table1_formats_percent_with_standard_error():
-    s = pd.DataFrame({'agent': ['random', 'teduo'], 'quadrant': [QUADRANTS[0]]*2, 'success_rate': [0.25, 0.5],
-                      'success_se': [0.1, float('nan')]})
-    t = table1(s)
-    assert t.agent.tolist() == [AGENT_NAMES['teduo'], AGENT_NAMES['random']]  # paper order, not alphabetical
-    assert t[QUADRANTS[0]].tolist() == ['50.0', '25.0 ± 10.0'] and pct(None) == 'n/a'
+def test_table1_cells_carry_n_and_the_wilson_interval_never_plus_minus_zero():
+    s = pd.DataFrame({'agent': ['random', 'teduo', 'gcbc'], 'quadrant': [QUADRANTS[0]]*3, 'successes': [0, 5, 12], 'episodes': [12, 12, 12]})
+    t = table1(s, {'il': 'no baselines'})
+    assert t.agent.tolist() == [AGENT_NAMES[a] for a in ('teduo', 'gcbc', 'random', 'il')]  # paper order; not-run rows last
+    assert t[QUADRANTS[0]].tolist() == ['41.7 [19.3, 68.0] (n=12)', '100.0 [75.8, 100.0] (n=12)', '0.0 [0.0, 24.2] (n=12)',
+                                        'not run (no baselines)']
+    assert not any('±' in v for v in t[QUADRANTS[0]]) and pct(None) == 'n/a' and rate_cell(0, 0) == 'n/a'
+    two = pd.concat([s, s.assign(quadrant=QUADRANTS[1])]).query("not (agent == 'gcbc' and quadrant == @QUADRANTS[1])")
+    assert table1(two).set_index('agent').loc[AGENT_NAMES['gcbc'], QUADRANTS[1]] == 'n/a'
+    cats = pd.DataFrame({'agent': 'teduo', 'quadrant': QUADRANTS[:2], 'category': 'open', 'successes': [0, 5], 'episodes': [6, 6]})
+    assert category_table(cats).open.tolist() == ['41.7 [19.3, 68.0] (n=12)']  # pooled over quadrants
+
+
+# ---------------------------------------------------------------- goal sensitivity: the bot's ceiling, goal-blind controls, starts
+
+def test_the_bot_row_solves_go_to_pick_up_open_and_tile_goals():
+    from teduo.agent import BotAgent
+    env = WORLD.make_env()
+    goals = ['go to the red ball', 'pick up a key', 'open a door', 'go to the tile (3,1)']
+    feasible = [g for g in goals if any(goal_feasible(encode_state(reset_layout(env, l)), Goal.of(g)) for l in LAYOUTS)]
+    assert 'go to the tile (3,1)' in feasible and len(feasible) >= 3
+    specs, _ = make_episodes(WORLD, 'q', feasible, LAYOUTS, 3, seed=0)
+    log, _ = run_episodes(BotAgent(WORLD, 0), specs, WORLD, max_steps=64, progress=False)
+    assert log.success.mean() >= 0.9, log.groupby('goal').success.mean()
+    assert log[log.goal == 'go to the tile (3,1)'].success.all(), 'the tile goal: face the tile, then step on it'
+
+
+def test_min_bot_steps_redraws_starts_the_bot_solves_at_once():
+    from teduo.evaluate import bot_path
+    goals = ['go to a key', 'open a door']
+    near, _ = make_episodes(WORLD, 'q', goals, LAYOUTS, 6, seed=0)
+    far, _ = make_episodes(WORLD, 'q', goals, LAYOUTS, 6, seed=0, min_bot_steps=6, bot_cap=64)
+    assert all(s.bot_steps is None for s in near)
+    assert all(s.bot_steps is None or s.bot_steps >= 6 for s in far) and any(s.bot_steps for s in far)
+    lens = [bot_path(WORLD, s.layout_seed, s.episode_seed, s.goal, 64) for s in near]
+    assert min(l for l in lens if l) < 6, 'without the redraw some starts are a few actions from the goal'
+    assert [s.index for s in far] == [0, 1, 2, 3, 4, 5]*2
+
+
+def test_goal_shuffled_control_acts_on_another_goal_of_the_same_list():
+    from teduo.agent import GoalShuffled, RandomAgent
+    tr, te = ['go to a key', 'open a door', 'pick up a ball', 'go to a box'], ['go to the red ball', 'open the blue door']
+    seen = []
+    class Recorder(RandomAgent):
+        def act(self, states, goals, idx): seen.extend(Goal.of(g).goal for g in goals); return super().act(states, goals, idx)
+    ctl = GoalShuffled(Recorder(0), [tr, te], seed=0)
+    assert all(ctl.swap[g].goal != g for g in tr + te), 'a derangement: no goal keeps its own'
+    assert {ctl.swap[g].goal for g in tr} == set(tr) and {ctl.swap[g].goal for g in te} == set(te), 'within each list'
+    assert GoalShuffled(RandomAgent(0), [tr, te], seed=0).swap == ctl.swap, 'seeded'
+    specs, _ = make_episodes(WORLD, 'q', tr[:2], LAYOUTS, 1, seed=0)
+    run_episodes(ctl, specs, WORLD, max_steps=2, progress=False)
+    assert seen[:2] == [ctl.swap[s.goal.goal].goal for s in specs]
+
+
+def test_an_agent_that_never_answers_gives_up_after_n_unparseable_steps():
+    from teduo.agent import LLMAgent
+    from teduo.llm import LLM, LLMConfig
+    from fakes import ScriptedBackend
+    be = ScriptedBackend(lambda c: 'I cannot say')
+    agent = LLMAgent(LLM(LLMConfig('scripted'), None, backend=be), {}, WORLD.room_size, retries=1)
+    specs, _ = make_episodes(WORLD, 'q', ['go to a key'], LAYOUTS, 2, seed=0)
+    log, _ = run_episodes(agent, specs, WORLD, max_steps=20, give_up_after=3, progress=False)
+    assert log.gave_up.all() and (log.steps == 3).all() and not log.success.any()
+    assert (log.unparseable_steps == 3).all() and (log.answers == 6).all(), 'each step: an answer and one re-ask'
+    s = summarize(log)
+    assert s.gave_up_rate.tolist() == [1.0]

@@ -160,3 +160,15 @@ def test_adapter_config_lists_are_sorted(tuned, tmp_path):
     sort_adapter_config(tmp_path, 'outputs/models/m')
     assert json.loads((tmp_path/'adapter_config.json').read_text()) == {'base_model_name_or_path': 'outputs/models/m', 'r': 4}
     assert not (tmp_path/'README.md').exists()
+
+
+def test_adapter_status_reports_an_untrained_run_and_refuses_a_missing_or_foreign_folder(tmp_path):
+    from teduo.finetune import adapter_status, write_untrained
+    write_untrained(tmp_path/'none', 'no goal passed the filter')
+    assert adapter_status(tmp_path/'none') == 'not trained: no goal passed the filter'
+    (tmp_path/'ok').mkdir(); (tmp_path/'ok'/'adapter_config.json').write_text('{}')
+    assert adapter_status(tmp_path/'ok') is None
+    with pytest.raises(FileNotFoundError, match='no adapter folder at .*missing.*dvc repro'): adapter_status(tmp_path/'missing')
+    with pytest.raises(FileNotFoundError, match='no adapter folder at None'): adapter_status(None)
+    (tmp_path/'foreign').mkdir(); (tmp_path/'foreign'/'weights.bin').write_text('x')
+    with pytest.raises(ValueError, match='foreign: neither adapter_config.json nor teduo_meta.json'): adapter_status(tmp_path/'foreign')

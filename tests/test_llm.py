@@ -487,3 +487,18 @@ def test_reserved_kv_cache_decodes_in_place_with_the_same_numbers(tiny):
             assert res.get_seq_length() == plain.get_seq_length() == 21 + t
             assert (res.layers[0].keys.data_ptr() == ptr) == (t < 2)  # in place while there is room, then a new tensor
     assert all(torch.equal(p.keys, r.keys) and torch.equal(p.values, r.values) for p, r in zip(plain.layers, res.layers))
+
+
+def test_per_chat_seeds_make_a_sampled_answer_independent_of_its_batch(tiny_llama, tmp_path):
+    "Batched re-asks: a chat's sampled answer and cache entry depend on its own seed, not on its batch or on cache hits."
+    chat = [{'role': 'user', 'content': 'Say something.'}]
+    kw = dict(max_new_tokens=8, temperature=1.0)
+    alone = tiny_llm(tiny_llama).generate([chat], seed=[5], **kw)[0]
+    llm = tiny_llm(tiny_llama, batch_size=4)
+    batch = llm.generate([chat, chat, chat], seed=[7, 5, 9], **kw)
+    assert batch[1] == alone and len(set(batch)) > 1, 'row 2 samples as alone; other seeds differ'
+    assert tiny_llm(tiny_llama).generate([chat], seed=5, **kw)[0] == alone, 'a one-chat call with the int seed draws the same'
+    cached = LLM(LLMConfig(model=str(tiny_llama), dtype='float32'), tmp_path/'c.sqlite')
+    assert cached.generate([chat], seed=[9], **kw) == [batch[2]]
+    assert cached.generate([chat, chat], seed=[9, 7], **kw) == [batch[2], batch[0]] and cached.stats['cache_hits'] == 1
+    with pytest.raises(ValueError, match='2 seeds for 1 chats'): llm.generate([chat], seed=[1, 2], **kw)

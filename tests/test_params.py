@@ -59,7 +59,7 @@ def test_paper_scale_params_are_valid():
             p['base']['llm'][r] = {'model': 'meta-llama/Meta-Llama-3-70B-Instruct', 'dtype': 'bfloat16', 'device': 'auto', 'batch_size': 16}
         p['abstract']['mode'] = 'generate'; p['sft_data']['max_examples'] = None
         p['finetune'].update(lora_r=512, lora_alpha=512, lora_dropout=0.1, lr=2e-5, batch_size=10, epochs=3)
-        p['evaluate'].update(goals_per_quadrant=100, episodes_per_goal=4, max_steps=500, replan_every=1)
+        p['evaluate'].update(goals_per_quadrant=None, episodes_per_cell=400, llm_episodes_per_cell=None, max_steps=500, replan_every=1)
     assert param_problems(edited(edit)) == []
 
 
@@ -110,7 +110,7 @@ ENUM_CASES = {
                                   "offline_rl.runs[0].algorithm: 'sarsa', expected q_learning, dqn or filtered_bc"),
     'offline_rl.runs labels': (set_('offline_rl.runs', [{'algorithm': 'q_learning', 'labels': 'human'}]),
                                "offline_rl.runs[0].labels: 'human', expected llm or oracle"),
-    'evaluate.agents': (set_('evaluate.agents', ['random', 'tabluar']), "evaluate.agents[1]: 'tabluar', expected random, teduo"),
+    'evaluate.agents': (set_('evaluate.agents', ['random', 'tabluar']), "evaluate.agents[1]: 'tabluar', expected random, bot, teduo"),
     'collect.policies': (set_('collect.policies', {'bot': 1, 'expert': 1}), 'collect.policies.expert: unknown key'),
     'baselines.gcbc.labels': (set_('baselines.gcbc.labels', 'gt'), "baselines.gcbc.labels: 'gt', expected llm or oracle"),
     'base dtype': (set_('base.llm.policy.dtype', 'bf16'), "base.llm.policy.dtype: 'bf16', expected bfloat16, float16 or float32 (did you mean bfloat16?)"),
@@ -158,6 +158,10 @@ OTHER_CASES = {
     'webshop_finetune.train': (rename('webshop_finetune.train.lora_r', 'lora_rank'), 'webshop_finetune.train.lora_rank: unknown key (did you mean lora_r?)'),
     'webshop episodes': (set_('webshop_evaluate.episodes.train', 500), 'webshop_evaluate.episodes.train: 500, more than the 100 goals'),
     'webshop max_new_tokens': (set_('webshop_evaluate.max_new_tokens.react', 0), 'webshop_evaluate.max_new_tokens.react: 0, expected an integer >= 1'),
+    'evaluate max_new_tokens typo': (set_('evaluate.max_new_tokens', 'atuo'), "evaluate.max_new_tokens: 'atuo', expected auto (did you mean auto?)"),
+    'evaluate max_new_tokens 0': (set_('evaluate.max_new_tokens', 0), 'evaluate.max_new_tokens: 0, expected an integer >= 1'),
+    'evaluate retries': (set_('evaluate.retries', -1), 'evaluate.retries: -1, expected an integer >= 0'),
+    'evaluate retry_temperature': (set_('evaluate.retry_temperature', -0.5), 'evaluate.retry_temperature: -0.5, expected a number >= 0'),
 }
 
 
