@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 
 from .core import rng, stable_seed
-from .babyai import Goal, ACTIONS, state_text
+from .babyai import Goal, ACTIONS, state_text, EXAMPLE_LAYOUT
 from .abstract import abstract_states, abstract_text
 from .llm import LLM, LLMConfig
 from .sft_data import POLICY_SYSTEM, policy_chat, parse_action_prefix, format_actions
 
 # %% auto #0
-__all__ = ['NOOP', 'IN_CONTEXT_EXAMPLES', 'Agent', 'RandomAgent', 'TabularAgent', 'in_context_chat', 'parse_answer',
-           'episode_key', 'LLMAgent', 'BotAgent', 'GoalShuffled']
+__all__ = ['NOOP', 'IN_CONTEXT_EXAMPLES', 'Agent', 'RandomAgent', 'TabularAgent', 'raw_in_context_examples', 'in_context_chat',
+           'parse_answer', 'episode_key', 'LLMAgent', 'BotAgent', 'GoalShuffled']
 
 # %% ../nbs/08_agent.ipynb #b7bb421c
 NOOP = ACTIONS.index('done')
@@ -84,11 +84,48 @@ IN_CONTEXT_EXAMPLES = [
      "The agent faces the closed goal door. Toggle opens it.", [5]),
 ]
 
-def in_context_chat(goal_text:str, text:str, cot:bool=False)->list[dict]:
-    "The baseline prompt with worked examples (and chain-of-thought answers when `cot`)."
+def raw_in_context_examples(world, layout:int=EXAMPLE_LAYOUT, max_len:int=4, seed:int=0)->list[tuple]:
+    """Worked examples in the raw state text the untuned baselines see (paper Fig. C.9): in one layout of `world`
+    (no train or test layout), a go-to, a pick-up and an open goal, each from the first seeded start that BabyAI's bot
+    solves in 1 to `max_len` actions, with the bot's actions as the answer. (goal, state text, reasoning, actions)."""
+    from teduo.babyai import (reset_layout, encode_state, StateView, object_name, parse_instruction, achieved, quiet,
+                              DOOR, KEY, BALL, BOX, DIRECTIONS)
+    from teduo.collect import start_episode
+    g = StateView.of(encode_state(reset_layout(world.make_env(), layout))).grid
+    objs = [(int(g[x, y, 0]), int(g[x, y, 1]), (x, y)) for x in range(g.shape[0]) for y in range(g.shape[1])
+            if int(g[x, y, 0]) in (DOOR, KEY, BALL, BOX)]
+    name = lambda t, c: object_name(t, c, 0).split(' (')[0]
+    movable = [o for o in objs if o[0] != DOOR]; doors = [o for o in objs if o[0] == DOOR]
+    wanted = [('go to', movable[:1]), ('pick up', movable[1:2] or movable[:1]), ('open', doors[:1])]
+    out = []
+    for verb, cands in wanted:
+        if not cands: continue
+        t, c, pos = cands[0]; instr = f"{verb} the {name(t, c)}"
+        for attempt in range(200):
+            env = start_episode(world.make_env(), layout, stable_seed(seed, 'in-context-example', instr, attempt))
+            s0 = encode_state(env)
+            if achieved(s0, instr): continue
+            with quiet(): bot = _Bot(env, parse_instruction(instr, world))
+            acts, last = [], None
+            for _ in range(max_len):
+                try: a = bot.act(last)
+                except Exception: break
+                env.step(a); acts.append(a); last = a
+                if achieved(encode_state(env), instr, a): break
+            else: continue
+            if not acts or not achieved(encode_state(env), instr, acts[-1]): continue
+            v = StateView.of(s0)
+            why = (f"The {name(t, c)} is at ({pos[0]},{pos[1]}); the agent is at ({v.agent_pos[0]},{v.agent_pos[1]}), "
+                   f"facing {DIRECTIONS[v.agent_dir]}.")
+            out.append((instr, state_text(s0), why, acts)); break
+    if not out: raise ValueError(f"layout {layout}: no worked example found for the in-context baseline")
+    return out
+
+def in_context_chat(goal_text:str, text:str, cot:bool=False, examples:list|None=None)->list[dict]:
+    "The baseline prompt with worked examples (default `IN_CONTEXT_EXAMPLES`; chain-of-thought answers when `cot`)."
     sys = POLICY_SYSTEM + (" Think step by step, then end with 'Answer: ' and the list." if cot else '')
     msgs = [{'role': 'system', 'content': sys}]
-    for g, st, why, acts in IN_CONTEXT_EXAMPLES:
+    for g, st, why, acts in (IN_CONTEXT_EXAMPLES if examples is None else examples):
         msgs += [{'role': 'user', 'content': f"State:\n{st}\nGoal: {g}"},
                  {'role': 'assistant', 'content': (f"{why} Answer: " if cot else '') + format_actions(acts)}]
     return msgs + [{'role': 'user', 'content': f"State:\n{text}\nGoal: {goal_text}"}]
@@ -110,8 +147,13 @@ class LLMAgent(Agent):
                  replan_every:int|None=1, max_new_tokens:int=24, temperature:float=0.0,
                  retries:int=2, # re-asks of an unparseable answer, sampled (0: none)
                  retry_temperature:float=0.7, # sampling temperature of a re-ask (0: no re-asks: greedy would repeat the answer)
-                 seed:int=0, name:str|None=None):
+                 seed:int=0, name:str|None=None,
+                 state:str='abstract', # 'abstract': the goal's abstract state when known; 'raw': the full state text (paper's untuned baselines)
+                 examples:list|None=None, # in_context worked examples (default `IN_CONTEXT_EXAMPLES`, abstract states)
+                ):
         if prompt not in ('teduo', 'in_context'): raise ValueError(f"prompt {prompt!r}: expected teduo or in_context")
+        if state not in ('abstract', 'raw'): raise ValueError(f"state {state!r}: expected abstract or raw")
+        self.state, self.examples = state, examples
         self.llm, self.sel, self.room_size, self.prompt, self.cot = llm, selections, room_size, prompt, cot
         self.replan_every, self.max_new_tokens, self.temperature, self.seed = replan_every, max_new_tokens, temperature, seed
         self.retries, self.retry_temperature = retries, retry_temperature
@@ -125,11 +167,11 @@ class LLMAgent(Agent):
     def describe(self, s:np.ndarray, goal:Goal)->str:
         "The state as the prompt shows it: abstract when the goal's abstraction is known."
         sel = self.sel.get(goal.goal)  # keyed by the goal text: a policy never sees the checker's instruction
-        if sel is None: return state_text(s)
+        if sel is None or self.state == 'raw': return state_text(s)
         return abstract_text(abstract_states(s[None], sel, self.room_size)[0], self.room_size)
     def chat(self, s:np.ndarray, goal:Goal)->list[dict]:
         text = self.describe(s, goal)
-        return policy_chat(goal.goal, text) if self.prompt == 'teduo' else in_context_chat(goal.goal, text, self.cot)
+        return policy_chat(goal.goal, text) if self.prompt == 'teduo' else in_context_chat(goal.goal, text, self.cot, self.examples)
     def _parse(self, text:str, e:int)->list[int]:
         "The plan of episode `e`'s answer ([] if unparseable), counted."
         self.counts['answers'][e] += 1

@@ -20,18 +20,19 @@ from minigrid.envs.babyai.core.verifier import (ObjDesc, ActionInstr, GoToInstr,
 from .core import resolve, read_json, read_jsonl, write_jsonl, rng, check_keys
 
 # %% auto #0
-__all__ = ['ACTIONS', 'DIRECTIONS', 'COLORS', 'OBJECT_TYPES', 'EMPTY', 'WALL', 'DOOR', 'KEY', 'BALL', 'BOX', 'TYPE_IDX',
-           'COLOR_IDX', 'CATEGORY', 'max_distractors', 'layout_problems', 'World', 'quiet', 'reset_layout',
+__all__ = ['ACTIONS', 'DIRECTIONS', 'COLORS', 'OBJECT_TYPES', 'EXAMPLE_LAYOUT', 'EMPTY', 'WALL', 'DOOR', 'KEY', 'BALL', 'BOX',
+           'TYPE_IDX', 'COLOR_IDX', 'CATEGORY', 'max_distractors', 'layout_problems', 'World', 'quiet', 'reset_layout',
            'layout_seeds', 'check_disjoint_layouts', 'state_len', 'encode_state', 'StateView', 'batch_fields',
            'restore_state', 'object_name', 'state_text', 'render_state', 'GoToTileInstr', 'parse_instruction',
            'instruction_kind', 'Goal', 'achieved_batch', 'achieved', 'goal_feasible', 'synthetic_instructions',
-           'load_synonyms', 'paraphrase', 'make_goal_lists']
+           'load_synonyms', 'paraphrase', 'apportion', 'make_goal_lists']
 
 # %% ../nbs/01_babyai.ipynb #84978d48
 ACTIONS = ['turn left', 'turn right', 'move forward', 'pick up', 'drop', 'toggle', 'done'] # minigrid's 0..6
 DIRECTIONS = ['east', 'south', 'west', 'north'] # minigrid agent_dir 0..3 (x grows east, y grows south)
 COLORS = ['red', 'green', 'blue', 'purple', 'yellow', 'grey'] # minigrid COLOR_TO_IDX order
 OBJECT_TYPES = ['ball', 'box', 'key', 'door'] # what the instruction language can name
+EXAMPLE_LAYOUT = 10**8 + 7 # the layout of the untuned baseline's worked examples: never a train or test layout
 
 def max_distractors(room_size:int, num_rows:int, num_cols:int)->int: # the most distractors `World` accepts
     "One distractor per 5 floor tiles (room interiors): beyond it minigrid's level generator can loop forever."
@@ -350,11 +351,11 @@ def achieved(state:np.ndarray, # (L,) state row (see `encode_state`)
 def goal_feasible(state:np.ndarray, # a state of the layout
                   goal, # Goal, record or instruction
                  )->bool:
-    "Does the layout of `state` contain what `goal` needs (its objects, or a free tile)?"
+    "Does the layout of `state` contain what `goal` needs (its objects, or its tile as empty floor)?"
     instr = Goal.of(goal).instr
     g, _, car = batch_fields(np.asarray(state)[None]); g = g[0]
     present = lambda d: bool(_match(g, d).any() or _match(car[0], d))
-    if isinstance(instr, GoToTileInstr): return int(g[instr.pos[0], instr.pos[1], 0]) != WALL
+    if isinstance(instr, GoToTileInstr): return int(g[instr.pos[0], instr.pos[1], 0]) == EMPTY  # an object on it: the bot could not stand there
     if isinstance(instr, PutNextInstr):
         mv, fx = _match(g, instr.desc_move), _match(g, instr.desc_fixed)
         return bool(mv.any() and fx.any() and (mv | fx).sum() >= 2)
@@ -405,6 +406,15 @@ def paraphrase(instruction:str, # canonical instruction
         return f"{pick('actions', 'put')} {desc(a)} {pick('relations', 'next to')} {desc(b)}"
     raise ValueError(f"goal {instruction!r}: not a canonical instruction")
 
+def apportion(n:int, # items to share out
+              weights:dict[str, float], # kind -> weight (> 0)
+             )->dict[str, int]:
+    "Largest-remainder shares of `n` in proportion to `weights` (ties broken by kind name): the same rule for every list."
+    ks = sorted(weights); w = np.array([weights[k] for k in ks], float); w = w / w.sum() * n
+    base = np.floor(w).astype(int); rest = n - int(base.sum())
+    for i in sorted(range(len(ks)), key=lambda i: (-(w[i] - base[i]), ks[i]))[:rest]: base[i] += 1
+    return {k: int(b) for k, b in zip(ks, base)}
+
 def make_goal_lists(world:World, # geometry (for tile goals)
                     n_train:int, # number of training goals
                     n_test:int, # number of test goals (distinct instructions, reworded)
@@ -412,23 +422,25 @@ def make_goal_lists(world:World, # geometry (for tile goals)
                     synonyms:dict, # from `load_synonyms`
                     seed:int, # base seed
                    )->tuple[list[dict], list[dict]]:
-    "Disjoint train and test goal records `{goal, instruction, kind}`."
+    """Disjoint train and test goal records `{goal, instruction, kind}`. Each list gets its kinds by `apportion`, so
+    both lists have the same category mix by construction (exactly so when the weights times each size are whole)."""
     pool = synthetic_instructions(world)
     unknown = set(kinds) - set(pool)
     if unknown: raise ValueError(f"params goals.kinds: unknown kinds {sorted(unknown)}; known {sorted(pool)}")
     ks = [k for k in sorted(kinds) if kinds[k] > 0]
     if not ks: raise ValueError("params goals.kinds: all weights are zero")
-    w = np.array([kinds[k] for k in ks], float); w /= w.sum()
+    w = {k: float(kinds[k]) for k in ks}
+    q_train, q_test = apportion(n_train, w), apportion(n_test, w)
     r = rng(seed, 'goals')
-    quota = {k: int(n) for k, n in zip(ks, r.multinomial(n_train + n_test, w))}
-    chosen = {k: [pool[k][i] for i in r.permutation(len(pool[k]))[:quota[k]]] for k in ks}
-    short = {k: (quota[k], len(pool[k])) for k in ks if len(chosen[k]) < quota[k]}
+    chosen = {k: [pool[k][i] for i in r.permutation(len(pool[k]))[:q_train[k] + q_test[k]]] for k in ks}
+    short = {k: (q_train[k] + q_test[k], len(pool[k])) for k in ks if len(chosen[k]) < q_train[k] + q_test[k]}
     if short: raise ValueError(f"not enough distinct instructions for {short} (wanted, available)")
-    allg = [(k, ins) for k in ks for ins in chosen[k]]
-    order = r.permutation(len(allg)); allg = [allg[i] for i in order]
-    train = [{'goal': ins, 'instruction': ins, 'kind': k} for k, ins in allg[:n_train]]
+    tr = [(k, ins) for k in ks for ins in chosen[k][:q_train[k]]]
+    te = [(k, ins) for k in ks for ins in chosen[k][q_train[k]:]]
+    tr = [tr[i] for i in r.permutation(len(tr))]; te = [te[i] for i in r.permutation(len(te))]
+    train = [{'goal': ins, 'instruction': ins, 'kind': k} for k, ins in tr]
     test = []
-    for k, ins in allg[n_train:]:
+    for k, ins in te:
         g = ins
         for _ in range(20):
             g = paraphrase(ins, synonyms, r)

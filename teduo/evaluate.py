@@ -234,7 +234,13 @@ def build_agent(name:str, base:dict, world:World, inputs:dict, ev:dict, selectio
             cfg['adapter'] = str(inputs['adapter'])
         llm = LLM(LLMConfig.from_params(cfg, 'params.yaml:base.llm.policy'), cache)
         cot = ev.get('cot', False) and name == 'llm_in_context'
-        return LLMAgent(llm, selections, world.room_size, prompt='in_context' if name == 'llm_in_context' else 'teduo',
+        state = 'abstract' if name == 'teduo' else ev.get('baseline_state', 'raw')  # TEDUO acts on what it was tuned on
+        examples = None
+        if name == 'llm_in_context' and state == 'raw':
+            from teduo.agent import raw_in_context_examples
+            examples = raw_in_context_examples(world, seed=seed)
+        return LLMAgent(llm, selections, world.room_size, prompt='in_context' if name == 'llm_in_context' else 'teduo', state=state,
+                        examples=examples,
                         cot=cot, replan_every=ev.get('replan_every', 1),
                         max_new_tokens=check_positive(ev.get('max_new_tokens', 24), 'evaluate.max_new_tokens (resolve auto with answer_budget)')
                                        * (4 if cot else 1),

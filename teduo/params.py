@@ -13,7 +13,7 @@ import yaml
 from fastcore.script import call_parse, Param
 
 from .core import or_list, resolve
-from .babyai import CATEGORY, check_disjoint_layouts, layout_problems, layout_seeds
+from .babyai import CATEGORY, check_disjoint_layouts, layout_problems, layout_seeds, EXAMPLE_LAYOUT
 from .collect import POLICIES as BEHAVIOUR_POLICIES
 from .llm import BACKENDS, DTYPES
 from .abstract import ABSTRACTION_MODES, ABSTRACTION_SOURCES
@@ -204,6 +204,7 @@ BABYAI_SECTIONS = {
                      {'episodes_per_cell': Opt(Int(1)), 'llm_episodes_per_cell': Opt(Int(1)), 'min_bot_steps': Int(0),
                       'give_up_after': Opt(Int(1)), 'replan_every': Opt(Int(1)), 'max_new_tokens': Either((Choice(('auto',)), Int(1))), # auto: sized from sft_data.max_plan_len
                       'temperature': Num(0), 'retries': Int(0), 'retry_temperature': Num(0), 'cot': Bool(),
+                      'baseline_state': Choice(('raw', 'abstract')),
                       'inputs': Keys({}, paths('train_goals', 'test_goals', 'abstractions', 'labels', 'policies', 'adapter', 'baselines'))}),
     'figures': Keys({**paths('eval_dir', 'metrics_dir', 'out_dir', 'timing_out'), 'frames_per_strip': Int(1)},
                     {'stages_file': Opt(PATH)}),
@@ -244,6 +245,10 @@ def _disjoint_layouts(p):
     except ValueError as e: return [('babyai.test_layouts', str(e))]
     return []
 
+def _example_layout_unused(p):
+    return [(f"babyai.{k}", f"contains layout {EXAMPLE_LAYOUT}, the in-context baseline's worked examples: expected a range without it")
+            for k in ('train_layouts', 'test_layouts') if EXAMPLE_LAYOUT in set(layout_seeds(p['babyai'][k]))]
+
 def _openai_has_a_server(p):
     return [(f"base.llm.{r}.base_url", "missing, expected a URL: backend openai sends its prompts there")
             for r, c in p['base']['llm'].items() if c.get('backend') == 'openai' and not c.get('base_url')]
@@ -270,7 +275,7 @@ def _episodes_within_goals(p):
     return [(f"webshop_evaluate.episodes.{s}", f"{n}, more than the {p['webshop'][f'{s}_goals']['count']} goals of webshop.{s}_goals")
             for s, n in p['webshop_evaluate']['episodes'].items() if n > p['webshop'][f'{s}_goals']['count']]
 
-RULES = [Rule(('babyai',), _buildable_layouts), Rule(('babyai',), _disjoint_layouts), Rule(('base.llm',), _openai_has_a_server),
+RULES = [Rule(('babyai',), _buildable_layouts), Rule(('babyai',), _disjoint_layouts), Rule(('babyai',), _example_layout_unused), Rule(('base.llm',), _openai_has_a_server),
          Rule(('offline_rl.runs', 'sft_data.policy'), _sft_policy_is_a_run),
          Rule(('offline_rl.runs', 'evaluate.agents'), _agents_have_policies),
          Rule(('webshop',), _disjoint_goals), Rule(('webshop', 'webshop_evaluate.episodes'), _episodes_within_goals)]

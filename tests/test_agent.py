@@ -237,6 +237,34 @@ def test_agent_prompt_shows_the_abstract_state_when_the_goal_is_known():
     with pytest.raises(ValueError, match='expected teduo or in_context'): LLMAgent(None, sel, RS, prompt='react')
 
 
+def test_raw_state_baselines_and_their_worked_examples():
+    """The untuned baselines see the full state text (paper Fig. C.9) even for a goal with an abstraction; their worked
+    examples come from a layout outside the evaluated ones, and replaying an example's actions achieves its goal."""
+    from teduo.agent import raw_in_context_examples
+    from teduo.babyai import EXAMPLE_LAYOUT, achieved, restore_state
+    from teduo.collect import start_episode
+    s = start_states([3])[0]
+    sel = selections(['go to a key'])
+    raw = LLMAgent(None, sel, RS, state='raw').chat(s, Goal.of('go to a key'))
+    assert raw == policy_chat('go to a key', state_text(s))
+    ex = raw_in_context_examples(WORLD)
+    assert [e[0].split(' the ')[0] for e in ex] == ['go to', 'pick up', 'open'] and ex == raw_in_context_examples(WORLD)
+    for goal, text, why, acts in ex:
+        assert 1 <= len(acts) <= 4 and text.startswith('Grid: ')
+        env = WORLD.make_env()
+        for attempt in range(200):  # the start each example shows: the same text as a seeded start of its layout
+            from teduo.core import stable_seed
+            env = start_episode(WORLD.make_env(), EXAMPLE_LAYOUT, stable_seed(0, 'in-context-example', goal, attempt))
+            if state_text(encode_state(env)) == text: break
+        else: raise AssertionError(f"no start of layout {EXAMPLE_LAYOUT} shows {goal!r}'s example state")
+        for a in acts: env.step(a)
+        assert achieved(encode_state(env), goal, acts[-1])
+    ic = LLMAgent(None, sel, RS, prompt='in_context', state='raw', examples=ex).chat(s, Goal.of('go to a key'))
+    assert [m['content'] for m in ic[2:-1:2]] == [format_actions(e[3]) for e in ex]
+    assert ic[1]['content'] == f"State:\n{ex[0][1]}\nGoal: {ex[0][0]}" and ic[-1]['content'] == f"State:\n{state_text(s)}\nGoal: go to a key"
+    with pytest.raises(ValueError, match='expected abstract or raw'): LLMAgent(None, sel, RS, state='pixels')
+
+
 # ---------------------------------------------------------------- batching on a tiny llama
 
 GOALS16 = list(POLICY_ANSWERS) * 4

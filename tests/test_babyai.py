@@ -140,6 +140,34 @@ def test_goal_lists_deterministic_and_disjoint(root):
     with pytest.raises(ValueError, match='unknown kinds'): make_goal_lists(WORLD, 3, 1, {'fly': 1.0}, syn, 0)
 
 
+def test_goal_lists_have_the_same_category_mix(root):
+    from collections import Counter
+    from teduo.babyai import apportion
+    syn = load_synonyms(root/'data/babyai/synonyms.json')
+    kinds = {'goto': 0.4, 'pickup': 0.2, 'open': 0.1, 'putnext': 0.2, 'tile': 0.1}
+    for seed in range(3):
+        train, test = make_goal_lists(WORLD, 20, 10, kinds, syn, seed=seed)
+        ctr, cte = Counter(g['kind'] for g in train), Counter(g['kind'] for g in test)
+        assert ctr == {'goto': 8, 'pickup': 4, 'open': 2, 'putnext': 4, 'tile': 2}
+        assert {k: 2 * v for k, v in cte.items()} == ctr  # the same shares, exactly
+    # sizes that do not divide: each kind's share differs from its weight by less than one goal, in either list
+    for n in (7, 13):
+        q = apportion(n, {'goto': 0.4, 'pickup': 0.25, 'open': 0.1, 'putnext': 0.15, 'tile': 0.1})
+        assert sum(q.values()) == n and all(abs(q[k] - w * n) < 1 for k, w in
+                                            {'goto': 0.4, 'pickup': 0.25, 'open': 0.1, 'putnext': 0.15, 'tile': 0.1}.items())
+    assert apportion(3, {'a': 1, 'b': 1}) == {'a': 2, 'b': 1}  # ties go to the first kind by name
+
+
+def test_a_tile_goal_is_feasible_only_on_empty_floor():
+    from teduo.babyai import goal_feasible, EMPTY, StateView
+    s = encode_state(reset_layout(WORLD.make_env(), 0)); g = StateView.of(s).grid
+    occupied = [(x, y) for x in range(1, g.shape[0] - 1) for y in range(1, g.shape[1] - 1) if int(g[x, y, 0]) not in (EMPTY, 2, 4)]
+    free = [(x, y) for x in range(1, g.shape[0] - 1) for y in range(1, g.shape[1] - 1) if int(g[x, y, 0]) == EMPTY]
+    assert occupied and free
+    assert goal_feasible(s, f"go to the tile ({free[0][0]},{free[0][1]})")
+    assert not goal_feasible(s, f"go to the tile ({occupied[0][0]},{occupied[0][1]})")  # a ball, box or key lies there
+
+
 def test_goal_file_not_utf8_names_the_file(tmp_path):
     from teduo.core import read_json, read_jsonl, write_jsonl
     f = tmp_path/'train.jsonl'

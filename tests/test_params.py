@@ -91,6 +91,9 @@ ISSUE_CASES = {
     'negative goals.kinds weight': (set_('goals.kinds.open', -0.1), 'params.yaml: goals.kinds.open: -0.1, expected a number >= 0'),
     'babyai.num_dists 200': (set_('babyai.num_dists', 200), 'params.yaml: babyai.num_dists: 200 distractors, at most 7 fit 2x2 rooms of size 5'),
     'collect.n_episodes 0': (set_('collect.n_episodes', 0), 'params.yaml: collect.n_episodes: 0, expected an integer >= 1'),
+    'a layout range over the worked examples': (set_('babyai.test_layouts', {'start': 10**8, 'count': 50}),
+        'params.yaml: babyai.test_layouts: contains layout 100000007, the in-context baseline\'s worked examples'),
+    'evaluate.baseline_state pixels': (set_('evaluate.baseline_state', 'pixels'), 'params.yaml: evaluate.baseline_state: \'pixels\', expected'),
 }
 
 
