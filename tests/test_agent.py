@@ -241,8 +241,9 @@ def test_raw_state_baselines_and_their_worked_examples():
     """The untuned baselines see the full state text (paper Fig. C.9) even for a goal with an abstraction; their worked
     examples come from a layout outside the evaluated ones, and replaying an example's actions achieves its goal."""
     from teduo.agent import raw_in_context_examples
-    from teduo.babyai import EXAMPLE_LAYOUT, achieved, restore_state
+    from teduo.babyai import EXAMPLE_LAYOUT, achieved
     from teduo.collect import start_episode
+    from teduo.core import stable_seed
     s = start_states([3])[0]
     sel = selections(['go to a key'])
     raw = LLMAgent(None, sel, RS, state='raw').chat(s, Goal.of('go to a key'))
@@ -251,9 +252,7 @@ def test_raw_state_baselines_and_their_worked_examples():
     assert [e[0].split(' the ')[0] for e in ex] == ['go to', 'pick up', 'open'] and ex == raw_in_context_examples(WORLD)
     for goal, text, why, acts in ex:
         assert 1 <= len(acts) <= 4 and text.startswith('Grid: ')
-        env = WORLD.make_env()
         for attempt in range(200):  # the start each example shows: the same text as a seeded start of its layout
-            from teduo.core import stable_seed
             env = start_episode(WORLD.make_env(), EXAMPLE_LAYOUT, stable_seed(0, 'in-context-example', goal, attempt))
             if state_text(encode_state(env)) == text: break
         else: raise AssertionError(f"no start of layout {EXAMPLE_LAYOUT} shows {goal!r}'s example state")

@@ -159,9 +159,9 @@ def test_goal_lists_have_the_same_category_mix(root):
 
 
 def test_a_tile_goal_is_feasible_only_on_empty_floor():
-    from teduo.babyai import goal_feasible, EMPTY, StateView
+    from teduo.babyai import goal_feasible, EMPTY, WALL, DOOR, StateView
     s = encode_state(reset_layout(WORLD.make_env(), 0)); g = StateView.of(s).grid
-    occupied = [(x, y) for x in range(1, g.shape[0] - 1) for y in range(1, g.shape[1] - 1) if int(g[x, y, 0]) not in (EMPTY, 2, 4)]
+    occupied = [(x, y) for x in range(1, g.shape[0] - 1) for y in range(1, g.shape[1] - 1) if int(g[x, y, 0]) not in (EMPTY, WALL, DOOR)]
     free = [(x, y) for x in range(1, g.shape[0] - 1) for y in range(1, g.shape[1] - 1) if int(g[x, y, 0]) == EMPTY]
     assert occupied and free
     assert goal_feasible(s, f"go to the tile ({free[0][0]},{free[0][1]})")
