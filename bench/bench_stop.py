@@ -4,8 +4,10 @@ greedy, open-loop, nothing cached between the two. The episodes' actions must be
 never changes a plan.
 Run: `python bench/bench_stop.py [--episodes 32 --steps 8] [--prompts teduo in_context] [--state raw|abstract] [--adapter PATH|none]`.
 """
-import argparse, time
+import argparse, sys, time
+from pathlib import Path
 import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's teduo, not another one installed
 from teduo.babyai import World
 from teduo.evaluate import make_episodes, run_episodes, answer_budget
 from teduo.agent import LLMAgent, raw_in_context_examples
