@@ -18,7 +18,7 @@ from .sft_data import POLICY_SYSTEM, policy_chat, parse_action_prefix, format_ac
 
 # %% auto #0
 __all__ = ['NOOP', 'IN_CONTEXT_EXAMPLES', 'Agent', 'RandomAgent', 'TabularAgent', 'raw_in_context_examples', 'in_context_chat',
-           'parse_answer', 'episode_key', 'LLMAgent', 'BotAgent', 'GoalShuffled']
+           'parse_answer', 'episode_key', 'LLMAgent', 'bot_actions', 'BotAgent', 'GoalShuffled']
 
 # %% ../nbs/08_agent.ipynb #b7bb421c
 NOOP = ACTIONS.index('done')
@@ -88,8 +88,7 @@ def raw_in_context_examples(world, layout:int=EXAMPLE_LAYOUT, max_len:int=4, see
     """Worked examples in the raw state text the untuned baselines see (paper Fig. C.9): in one layout of `world`
     (no train or test layout), a go-to, a pick-up and an open goal, each from the first seeded start that BabyAI's bot
     solves in 1 to `max_len` actions, with the bot's actions as the answer. (goal, state text, reasoning, actions)."""
-    from teduo.babyai import (reset_layout, encode_state, StateView, object_name, parse_instruction, achieved, quiet,
-                              DOOR, KEY, BALL, BOX, DIRECTIONS)
+    from teduo.babyai import reset_layout, encode_state, StateView, object_name, achieved, DOOR, KEY, BALL, BOX, DIRECTIONS
     from teduo.collect import start_episode
     g = StateView.of(encode_state(reset_layout(world.make_env(), layout))).grid
     objs = [(int(g[x, y, 0]), int(g[x, y, 1]), (x, y)) for x in range(g.shape[0]) for y in range(g.shape[1])
@@ -105,15 +104,8 @@ def raw_in_context_examples(world, layout:int=EXAMPLE_LAYOUT, max_len:int=4, see
             env = start_episode(world.make_env(), layout, stable_seed(seed, 'in-context-example', instr, attempt))
             s0 = encode_state(env)
             if achieved(s0, instr): continue
-            with quiet(): bot = _Bot(env, parse_instruction(instr, world))
-            acts, last = [], None
-            for _ in range(max_len):
-                try: a = bot.act(last)
-                except Exception: break
-                env.step(a); acts.append(a); last = a
-                if achieved(encode_state(env), instr, a): break
-            else: continue
-            if not acts or not achieved(encode_state(env), instr, acts[-1]): continue
+            acts = bot_actions(env, world, Goal.of(instr), max_len)
+            if not acts: continue
             v = StateView.of(s0)
             why = (f"The {name(t, c)} is at ({pos[0]},{pos[1]}); the agent is at ({v.agent_pos[0]},{v.agent_pos[1]}), "
                    f"facing {DIRECTIONS[v.agent_dir]}.")
@@ -179,7 +171,8 @@ class LLMAgent(Agent):
         except ValueError: self.counts['unparseable_answers'][e] += 1; self.invalid_answers += 1; return []
     def plans(self, chats:list[list[dict]], eps:list[int])->list[list[int]]:
         "A plan per chat of episodes `eps`: one batched answer, each unparseable one re-asked (sampled, seeded by episode, step and attempt)."
-        answers = self.llm.generate(chats, max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed)
+        stop = None if self.cot else 'action_list'  # decoding ends once the list is closed or can never parse: the same plans, fewer tokens
+        answers = self.llm.generate(chats, max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed, stop=stop)
         self.queries += len(chats)
         out = [self._parse(text, e) for text, e in zip(answers, eps)]
         tries = self.retries if self.retry_temperature > 0 else 0
@@ -189,7 +182,7 @@ class LLMAgent(Agent):
             # each row's own seed (episode, step, attempt): its answer and cache key never depend on the batch
             seeds = [stable_seed(self.seed, 'llm-agent-reask', self.key[eps[j]], int(self.t[eps[j]]), attempt) for j in todo]
             texts = self.llm.generate([chats[j] for j in todo], max_new_tokens=self.max_new_tokens,
-                                      temperature=self.retry_temperature, seed=seeds)
+                                      temperature=self.retry_temperature, seed=seeds, stop=stop)
             for j, text in zip(todo, texts):
                 self.counts['retries'][eps[j]] += 1; self.reasks += 1
                 out[j] = self._parse(text, eps[j])
@@ -230,6 +223,18 @@ class _Bot:
         if self.tile is not None and a == NOOP and tuple(int(v) for v in self.env.front_pos) == self.tile:
             a = ACTIONS.index('move forward')
         return a
+
+def bot_actions(env, world, goal:Goal, cap:int)->list[int]|None:
+    "The actions BabyAI's bot takes from `env`'s state (stepping `env`) until `goal` is achieved: None if not within `cap`, or it gave up."
+    from teduo.babyai import parse_instruction, encode_state, achieved, quiet
+    with quiet(): b = _Bot(env, parse_instruction(goal.instruction, world))
+    acts, last = [], None
+    for _ in range(cap):
+        try: a = b.act(last)
+        except Exception: return None
+        env.step(a); acts.append(a); last = a
+        if achieved(encode_state(env), goal, a): return acts
+    return None
 
 class BotAgent(Agent):
     "The expert ceiling: BabyAI's bot (full knowledge of the level) per episode; an action it cannot plan is a counted random one."

@@ -52,17 +52,9 @@ def load_goals(path:str|Path)->list[Goal]:
 
 def bot_path(world:World, layout_seed:int, episode_seed:int, goal:Goal, cap:int, env=None)->int|None:
     "Actions BabyAI's bot needs to achieve `goal` from this start (None: not within `cap`, or the bot gave up)."
-    from teduo.babyai import quiet
-    from teduo.agent import _Bot
-    env = start_episode(env or world.make_env(), layout_seed, episode_seed)
-    with quiet(): b = _Bot(env, parse_instruction(goal.instruction, world))
-    last = None
-    for t in range(cap):
-        try: a = b.act(last)
-        except Exception: return None
-        env.step(a); last = a
-        if achieved(encode_state(env), goal, a): return t + 1
-    return None
+    from teduo.agent import bot_actions
+    acts = bot_actions(start_episode(env or world.make_env(), layout_seed, episode_seed), world, goal, cap)
+    return None if acts is None else len(acts)
 
 def make_episodes(world:World, quadrant:str, goals:list, layouts:list[int], episodes_per_goal:int, seed:int,
                   env=None,
@@ -226,7 +218,7 @@ def build_agent(name:str, base:dict, world:World, inputs:dict, ev:dict, selectio
         if min(map(len, goal_lists)) < 2: raise NotRun(f"a goal-shuffled control needs 2 goals per list or more, got {min(map(len, goal_lists))}")
         return GoalShuffled(build_agent(name.removesuffix('_goal_shuffled'), base, world, inputs, ev, selections, seed, cache),
                             goal_lists, seed)
-    if name in ('teduo', 'llm_zero_shot', 'llm_in_context'):
+    if name in LLM_AGENTS:
         cfg = dict(base['llm']['policy'])
         if name == 'teduo':
             from teduo.finetune import adapter_status

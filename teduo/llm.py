@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 from .core import atomic_path, check_keys, or_list, resolve, write_json, StageTimer
 
 # %% auto #0
-__all__ = ['BACKENDS', 'DTYPES', 'LLMConfig', 'model_fingerprint', 'load_hf', 'prepare_hf_model', 'LLMCache', 'reserve_kv',
-           'TransformersBackend', 'OpenAIBackend', 'Unparseable', 'ParseError', 'LLM', 'parse_json_answer',
-           'parse_choice']
+__all__ = ['BACKENDS', 'DTYPES', 'STOPS', 'LLMConfig', 'model_fingerprint', 'load_hf', 'prepare_hf_model', 'LLMCache',
+           'action_list_settled', 'settle', 'reserve_kv', 'select_kv_rows', 'TransformersBackend', 'OpenAIBackend',
+           'Unparseable', 'ParseError', 'LLM', 'parse_json_answer', 'parse_choice']
 
 # %% ../nbs/02b_llm.ipynb #001e610b
 BACKENDS = ('transformers', 'openai') # how an LLM role is reached: local weights, or an OpenAI-compatible server
@@ -163,6 +163,18 @@ class LLMCache:
     def __len__(self): return self.db.execute('SELECT COUNT(*) FROM answers').fetchone()[0]
 
 # %% ../nbs/02b_llm.ipynb #d8637919
+def action_list_settled(text:str)->bool:
+    """Is an answer's action list settled, whatever tokens would follow? True once it starts with anything but `[`
+    (it can never parse) or its list is closed by `]` (parsing reads no further): decoding more cannot change its parse."""
+    t = text.lstrip()
+    return bool(t) and (t[0] != '[' or ']' in t)
+
+STOPS = {'action_list': action_list_settled} # stop rules by name (a generate param, part of the cache key): never code from params
+
+def settle(text:str, rule:Callable[[str], bool])->str:
+    "`text` up to where `rule` first holds (all of it if never): what decoding with that stop rule keeps."
+    return next((text[:i] for i in range(1, len(text) + 1) if rule(text[:i])), text)
+
 def reserve_kv(cache, extra:int):
     "Pre-allocate room for `extra` more tokens in each `DynamicLayer` of `cache`, so updates write in place."
     from transformers.cache_utils import DynamicLayer
@@ -173,6 +185,17 @@ def reserve_kv(cache, extra:int):
         layer._vbuf = layer.values.new_empty(B, H, L + extra, layer.values.shape[-1]); layer._vbuf[:, :, :L] = layer.values
         layer.keys, layer.values = layer._kbuf[:, :, :L], layer._vbuf[:, :, :L]
         layer.__class__ = _reserved_layer()
+    return cache
+
+def select_kv_rows(cache, ix):
+    "Keep only batch rows `ix` (a LongTensor) of every layer of `cache` (spare room kept, see `reserve_kv`)."
+    for layer in getattr(cache, 'layers', []):
+        if not getattr(layer, 'is_initialized', False) or layer.keys.dim() != 4: continue
+        n = layer.keys.shape[-2]
+        if hasattr(layer, '_kbuf') and layer.keys.data_ptr() == layer._kbuf.data_ptr():
+            layer._kbuf, layer._vbuf = layer._kbuf[ix], layer._vbuf[ix]
+            layer.keys, layer.values = layer._kbuf[:, :, :n], layer._vbuf[:, :, :n]
+        else: layer.keys, layer.values = layer.keys[ix], layer.values[ix]
     return cache
 
 @functools.cache
@@ -193,6 +216,7 @@ def _reserved_layer():
 # %% ../nbs/02b_llm.ipynb #71738096
 class TransformersBackend:
     "A local causal LM (CPU or GPU)."
+    stops = True # `generate` takes a stop rule (ends rows early); other backends decode to their end and `LLM` settles the text
     def __init__(self, cfg:LLMConfig):
         import torch
         self.cfg, self.torch = cfg, torch
@@ -246,10 +270,12 @@ class TransformersBackend:
         with self.torch.inference_mode():
             r = self.lm(input_ids=self.torch.tensor([ids[0][:P]], device=self.device), use_cache=True, logits_to_keep=1)
         return r.past_key_values, P
-    def generate(self, chats, max_new_tokens:int, temperature:float, seed:int|list[int], progress:bool=False):
+    def generate(self, chats, max_new_tokens:int, temperature:float, seed:int|list[int], progress:bool=False,
+                 stop:Callable[[str], bool]|None=None):
         """[(text, prompt_tokens, completion_tokens)] per chat: greedy (temperature 0) or sampled decoding with a KV
         cache, the prompts' shared prefix computed once. `seed`: one generator for the call, or one seed per chat
-        (each row then samples from its own generator, so its answer does not depend on the other rows' draws)."""
+        (each row then samples from its own generator, so its answer does not depend on the other rows' draws).
+        A row ends at end-of-turn or when `stop(its text so far)`; with a stop rule, ended rows leave the batch (their cache rows too)."""
         torch = self.torch
         ids, out = self.encode_chats(chats), [None]*len(chats)
         eos = {self.tok.eos_token_id} | ({self.tok.convert_tokens_to_ids('<|eot_id|>')} if '<|eot_id|>' in self.tok.get_vocab() else set())
@@ -263,18 +289,25 @@ class TransformersBackend:
             with torch.inference_mode():
                 r, m, pos = self._forward([ids[i] for i in b], kv, P, use_cache=True)
                 cache, pos = reserve_kv(r.past_key_values, max_new_tokens), pos[:, -1:]
+                live = list(range(len(b)))  # the rows still decoding, in the batch's current order
                 for t in range(max_new_tokens):
                     logits = r.logits[:, -1].float()
                     if temperature > 0 and per_row:
                         pr = torch.softmax(logits / temperature, -1).cpu()
-                        nxt = torch.cat([torch.multinomial(pr[j:j + 1], 1, generator=g)[:, 0] for j, g in enumerate(gens)])
+                        nxt = torch.cat([torch.multinomial(pr[k:k + 1], 1, generator=gens[j])[:, 0] for k, j in enumerate(live)])
                     elif temperature > 0:
                         nxt = torch.multinomial(torch.softmax(logits / temperature, -1).cpu(), 1, generator=gen_)[:, 0]
                     else: nxt = logits.argmax(-1).cpu()
-                    for j, tkn in enumerate(nxt.tolist()):
-                        if not done[j]:
-                            new[j].append(tkn); done[j] = tkn in eos
+                    for j, tkn in zip(live, nxt.tolist()):
+                        if done[j]: continue  # without a stop rule an ended row stays in the batch: its tokens are dropped
+                        new[j].append(tkn); done[j] = tkn in eos
+                        if stop is not None and not done[j]: done[j] = stop(self.tok.decode(new[j], skip_special_tokens=True))
                     if all(done) or t == max_new_tokens - 1: break
+                    keep = [k for k, j in enumerate(live) if not done[j]]
+                    if stop is not None and len(keep) < len(live):  # ended rows leave the batch (only with a stop rule: without one, decoding stays as it was, so cached answers stay valid)
+                        ix = torch.tensor(keep, device=self.device)
+                        select_kv_rows(cache, ix); m, pos, nxt = m[ix], pos[ix], nxt[keep]
+                        live = [live[k] for k in keep]
                     m = torch.cat([m, torch.ones_like(m[:, :1])], 1); pos = pos + 1
                     r = self.lm(input_ids=nxt.to(self.device)[:, None], attention_mask=m, position_ids=pos,
                                 past_key_values=cache, use_cache=True)
@@ -459,14 +492,18 @@ class LLM:
             self.stats['not_cached'] += self.cache.put_many(good); got.update(fresh)
         return [got[k] for k in keys]
     def generate(self, chats:list[list[dict]], max_new_tokens:int=64, temperature:float=0.0, seed:int|list[int]=0,
-                 progress:bool=False)->list[str]:
+                 progress:bool=False, stop:str|None=None)->list[str]:
         """One answer text per chat. `seed`: one for the call, or one per chat (batched re-asks: a chat's sampled answer
-        and cache key depend on its own seed only, not on which other chats share the call or were cached)."""
+        and cache key depend on its own seed only, not on which other chats share the call or were cached). `stop`:
+        the name of a rule of `STOPS` that ends an answer early once its parse is settled (part of the cache key)."""
+        if stop is not None and stop not in STOPS: raise ValueError(f"stop {stop!r}: expected None or {or_list(STOPS)}")
+        rule = STOPS.get(stop)
         def run(cs, ps=None):
-            res = self.backend.generate(cs, max_new_tokens, temperature, seed if ps is None else [p['seed'] for p in ps], progress)
+            res = self.backend.generate(cs, max_new_tokens, temperature, seed if ps is None else [p['seed'] for p in ps], progress,
+                                        **({'stop': rule} if rule and getattr(self.backend, 'stops', False) else {}))
             for _, p, c in res: self.stats['prompt_tokens'] += p; self.stats['completion_tokens'] += c
-            return [t for t, _, _ in res]
-        gp = lambda s_: dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=s_)
+            return [settle(t, rule) if rule else t for t, _, _ in res]
+        gp = lambda s_: dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=s_, **({'stop': stop} if stop else {}))
         if isinstance(seed, (list, tuple)):
             if len(seed) != len(chats): raise ValueError(f"{len(seed)} seeds for {len(chats)} chats; expected one per chat")
             params = [gp(int(s_)) for s_ in seed]

@@ -502,3 +502,61 @@ def test_per_chat_seeds_make_a_sampled_answer_independent_of_its_batch(tiny_llam
     assert cached.generate([chat], seed=[9], **kw) == [batch[2]]
     assert cached.generate([chat, chat], seed=[9, 7], **kw) == [batch[2], batch[0]] and cached.stats['cache_hits'] == 1
     with pytest.raises(ValueError, match='2 seeds for 1 chats'): llm.generate([chat], seed=[1, 2], **kw)
+
+
+def test_action_list_stop_rule_keeps_every_parse():
+    "Ending an answer once `action_list_settled` holds never changes what `parse_action_prefix` reads from it."
+    from teduo.llm import action_list_settled, settle
+    from teduo.sft_data import parse_action_prefix
+    def parse(t):
+        try: return parse_action_prefix(t)
+        except ValueError: return None
+    texts = ['[2, 2, 1, 3]', ' [2, 1] and then more [3]', '[2, 1', 'Sure! [2, 1]', '', '   ', '[]', '[2, x, 1]',
+             '\n[6]\n\nState:', '[2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2]', 'I think [1]', '[9, 1]']
+    for t in texts:
+        s = settle(t, action_list_settled)
+        assert t.startswith(s) and parse(s) == parse(t), t
+    assert settle('Sure! [2, 1]', action_list_settled) == 'S' and settle(' [2, 1] more', action_list_settled) == ' [2, 1]'
+    assert not action_list_settled('  [2, 1') and not action_list_settled('')
+
+
+def test_generate_with_a_stop_rule_ends_rows_early_and_keeps_the_rest(tiny_llama, tiny):
+    """A stop rule ends each row at the first token where it holds (the rest of a greedy answer is what decoding
+    without the rule gives), ended rows leave the batch without changing the others, and the rule is in the cache key."""
+    import torch
+    from teduo.llm import STOPS
+    tok, lm = tiny
+    chats = [chat(q, SYSTEM) for q in QUESTIONS]
+    rule = lambda t: len(t.strip()) >= 6  # rows reach it after different numbers of tokens
+    def ref(c, n=12):
+        ids = tok(render(tok, c), add_special_tokens=False)['input_ids']; new = []
+        for _ in range(n):
+            nxt = int(_logprobs(lm, ids + new)[-1].argmax()); new.append(nxt)
+            if nxt == tok.eos_token_id or rule(tok.decode(new, skip_special_tokens=True)): break
+        return tok.decode([x for x in new if x != tok.eos_token_id], skip_special_tokens=True), len(new)
+    be8 = TransformersBackend(LLMConfig(str(tiny_llama), dtype='float32', batch_size=8))
+    be1 = TransformersBackend(LLMConfig(str(tiny_llama), dtype='float32', batch_size=1))
+    got8, got1 = be8.generate(chats, 12, 0.0, 0, stop=rule), be1.generate(chats, 12, 0.0, 0, stop=rule)
+    want = [ref(c) for c in chats]
+    assert [(t, n) for t, _, n in got8] == [(t, n) for t, _, n in got1] == want
+    assert len({n for _, n in want}) > 1, 'rows end at different steps: the batch shrinks'
+    full = be8.generate(chats, 12, 0.0, 0)
+    assert all(f.startswith(t) for (f, _, _), (t, _) in zip(full, want))
+    llm = tiny_llm(tiny_llama, batch_size=8)
+    a, b = llm.generate(chats[:2], 12), llm.generate(chats[:2], 12, stop='action_list')
+    assert llm.stats['cache_hits'] == 0 and 'action_list' in STOPS  # a stopped answer is another cache entry
+    with pytest.raises(ValueError, match="stop 'comma': expected None or action_list"): llm.generate(chats[:1], 4, stop='comma')
+
+
+def test_an_ended_row_keeps_its_answer_while_the_batch_decodes_on(tiny_llama, tiny):
+    "Without a stop rule, a row that ended (end-of-turn) stays in the batch, and nothing after its end is kept."
+    tok, lm = tiny
+    chats = [chat(q, SYSTEM) for q in QUESTIONS]
+    be = TransformersBackend(LLMConfig(str(tiny_llama), dtype='float32', batch_size=8))
+    ids = tok(render(tok, chats[0]), add_special_tokens=False)['input_ids']; first = []
+    for _ in range(3): first.append(int(_logprobs(lm, ids + first)[-1].argmax()))
+    be.tok.eos_token = be.tok.convert_ids_to_tokens(first[2])  # chat 0 ends at its third token; others may not
+    got = be.generate(chats, 10, 0.0, 0)
+    assert got[0][2] == 3 and got[0][0] == tok.decode(first[:2], skip_special_tokens=True)
+    one = TransformersBackend(LLMConfig(str(tiny_llama), dtype='float32', batch_size=1)); one.tok.eos_token = be.tok.eos_token
+    assert got == one.generate(chats, 10, 0.0, 0) and max(n for _, _, n in got) > 3
