@@ -89,7 +89,7 @@ ISSUE_CASES = {
     'babyai.locked_room_prob 7': (set_('babyai.locked_room_prob', 7), 'params.yaml: babyai.locked_room_prob: 7, expected a number in [0, 1]'),
     'collect.epsilon 5': (set_('collect.epsilon', 5), 'params.yaml: collect.epsilon: 5, expected a number in [0, 1]'),
     'negative goals.kinds weight': (set_('goals.kinds.open', -0.1), 'params.yaml: goals.kinds.open: -0.1, expected a number >= 0'),
-    'babyai.num_dists 200': (set_('babyai.num_dists', 200), 'params.yaml: babyai.num_dists: 200 distractors, at most 7 fit 2x2 rooms of size 5'),
+    'babyai.num_dists 200': (set_('babyai.num_dists', 200), 'params.yaml: babyai.num_dists: 200 distractors, at most 12 fit 2x2 rooms of size 6'),
     'collect.n_episodes 0': (set_('collect.n_episodes', 0), 'params.yaml: collect.n_episodes: 0, expected an integer >= 1'),
     'a layout range over the worked examples': (set_('babyai.test_layouts', {'start': 10**8, 'count': 50}),
         'params.yaml: babyai.test_layouts: contains layout 100000007, the in-context baseline\'s worked examples'),
