@@ -82,7 +82,8 @@ def plot_table1(summary:pd.DataFrame):
         mine = [(i, s.successes[a], s.episodes[a]) for i, a in enumerate(agents) if a in s.index]
         p = np.array([k / n for _, k, n in mine]); ci = np.array([wilson_interval(int(k), int(n)) for _, k, n in mine]).reshape(-1, 2)
         ax.barh([i - 0.4 + h*(j + 0.5) for i, _, _ in mine], 100*p, height=h, color=f'C{j}', label=q,
-                xerr=100*np.stack([p - ci[:, 0], ci[:, 1] - p]), error_kw=dict(lw=0.8, capsize=2))
+                xerr=100*np.clip(np.stack([p - ci[:, 0], ci[:, 1] - p]), 0, None),  # 0/n and n/n: a bound equals p up to rounding
+                error_kw=dict(lw=0.8, capsize=2))
     ax.set_yticks(range(len(agents)), [AGENT_NAMES.get(a, a) for a in agents]); ax.invert_yaxis()
     ax.set(xlabel='success rate (%), 95% Wilson interval', ylabel='', xlim=(0, 100), title='Online success in BabyAI (Table 1)')
     ax.legend(fontsize=7, loc='lower right')

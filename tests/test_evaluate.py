@@ -405,3 +405,11 @@ def test_an_agent_that_never_answers_gives_up_after_n_unparseable_steps():
     assert (log.unparseable_steps == 3).all() and (log.answers == 6).all(), 'each step: an answer and one re-ask'
     s = summarize(log)
     assert s.gave_up_rate.tolist() == [1.0]
+
+
+def test_table1_plot_takes_all_and_none_cells():
+    "n/n and 0/n cells: the Wilson bound equals the rate up to float rounding; the error bars must not go negative."
+    from teduo.figures import plot_table1
+    s = pd.DataFrame({'agent': ['bot', 'random'], 'quadrant': QUADRANTS[0], 'successes': [200, 0], 'episodes': [200, 200]})
+    fig = plot_table1(s)
+    assert len(fig.axes[0].patches) == 2
