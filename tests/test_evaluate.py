@@ -405,3 +405,16 @@ def test_an_agent_that_never_answers_gives_up_after_n_unparseable_steps():
     assert (log.unparseable_steps == 3).all() and (log.answers == 6).all(), 'each step: an answer and one re-ask'
     s = summarize(log)
     assert s.gave_up_rate.tolist() == [1.0]
+
+
+def test_the_oracle_step_1_control_acts_with_its_own_adapter(tmp_path):
+    "teduo_oracle reads evaluate.inputs.adapter_oracle (not TEDUO's adapter): untrained -> a reported 'not run', missing -> a named error."
+    from teduo.evaluate import NotRun
+    from teduo.finetune import write_untrained
+    write_untrained(tmp_path/'adapter_oracle', 'sft_oracle/train.jsonl: no training examples')
+    base = {'llm': {'policy': {'model': 'x'}}}
+    with pytest.raises(NotRun, match='not trained: sft_oracle/train.jsonl'):
+        build_agent('teduo_oracle', base, World(), {'adapter': tmp_path/'missing', 'adapter_oracle': tmp_path/'adapter_oracle'}, {}, {}, 0)
+    with pytest.raises(ValueError, match='evaluate.inputs.adapter_oracle missing'):
+        build_agent('teduo_oracle', base, World(), {'adapter': tmp_path/'adapter_oracle'}, {}, {}, 0)
+    assert AGENT_NAMES['teduo_oracle'].startswith('TEDUO, oracle step 1')
