@@ -86,7 +86,9 @@ def test_every_stage_ran_and_wrote_its_metrics(smoke_run):
             path = next(iter(m)) if isinstance(m, dict) else m
             path = path.replace('${', '').replace('}', '')
             if '/' not in path:  # a ${section.key} reference
-                sec, key = path.split('.'); path = yaml.safe_load((work/'params.yaml').read_text())[sec][key]
+                v = yaml.safe_load((work/'params.yaml').read_text())
+                for k in path.split('.'): v = v[k]  # e.g. finetune.oracle_control.metrics
+                path = v
             assert json.loads((work/path).read_text()), f"{name}: empty metrics {path}"
     assert 'Data and pipelines are up to date' in log.split('$ dvc status')[-1], log
 
