@@ -200,9 +200,9 @@ def answer_budget(max_new_tokens:int|str, # params evaluate.max_new_tokens: a nu
     if max_new_tokens == 'auto': return plan_token_budget(check_positive(max_plan_len, 'params.yaml:sft_data.max_plan_len'))
     return check_positive(max_new_tokens, 'params.yaml:evaluate.max_new_tokens')
 
-AGENTS = ('random', 'bot', 'teduo', 'llm_zero_shot', 'llm_in_context', 'tabular', 'tabular_oracle', 'dqn', 'gcbc', 'il',
+AGENTS = ('random', 'bot', 'teduo', 'teduo_oracle', 'llm_zero_shot', 'llm_in_context', 'tabular', 'tabular_oracle', 'dqn', 'gcbc', 'il',
           'gcbc_goal_shuffled', 'tabular_oracle_goal_shuffled') # the comparison; *_goal_shuffled: goal-blind controls
-LLM_AGENTS = ('teduo', 'llm_zero_shot', 'llm_in_context') # the agents whose cost `llm_episodes_per_cell` bounds
+LLM_AGENTS = ('teduo', 'teduo_oracle', 'llm_zero_shot', 'llm_in_context') # the agents whose cost `llm_episodes_per_cell` bounds
 AGENT_POLICIES = {'tabular': 'q_learning_llm', 'tabular_oracle': 'q_learning_oracle', 'dqn': 'dqn_llm'} # step-2 policy files
 
 class NotRun(Exception):
@@ -220,13 +220,15 @@ def build_agent(name:str, base:dict, world:World, inputs:dict, ev:dict, selectio
                             goal_lists, seed)
     if name in LLM_AGENTS:
         cfg = dict(base['llm']['policy'])
-        if name == 'teduo':
+        if name in ('teduo', 'teduo_oracle'):  # teduo_oracle: the same steps 2-3 on oracle labels (its own adapter)
             from teduo.finetune import adapter_status
-            if why := adapter_status(inputs['adapter']): raise NotRun(why)
-            cfg['adapter'] = str(inputs['adapter'])
+            key = 'adapter' if name == 'teduo' else 'adapter_oracle'
+            if key not in inputs: raise ValueError(f"agent {name!r}: params evaluate.inputs.{key} missing, expected its adapter folder")
+            if why := adapter_status(inputs[key]): raise NotRun(why)
+            cfg['adapter'] = str(inputs[key])
         llm = LLM(LLMConfig.from_params(cfg, 'params.yaml:base.llm.policy'), cache)
         cot = ev.get('cot', False) and name == 'llm_in_context'
-        state = 'abstract' if name == 'teduo' else ev.get('baseline_state', 'raw')  # TEDUO acts on what it was tuned on
+        state = 'abstract' if name.startswith('teduo') else ev.get('baseline_state', 'raw')  # TEDUO acts on what it was tuned on
         examples = None
         if name == 'llm_in_context' and state == 'raw':
             from teduo.agent import raw_in_context_examples

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 
 QUADRANTS = ['train goals / train layouts', 'train goals / test layouts', 'test goals / train layouts', 'test goals / test layouts']
-AGENT_NAMES = {'teduo': 'TEDUO (fine-tuned LLM)', 'llm_zero_shot': 'LLM zero-shot', 'llm_in_context': 'LLM in-context (worked examples)',
+AGENT_NAMES = {'teduo': 'TEDUO (fine-tuned LLM)', 'teduo_oracle': 'TEDUO, oracle step 1 (fine-tuned on oracle-label plans)', 'llm_zero_shot': 'LLM zero-shot', 'llm_in_context': 'LLM in-context (worked examples)',
                'tabular': 'TEDUO steps 1+2 (tabular)', 'tabular_oracle': 'steps 1+2, oracle labels', 'dqn': 'steps 1+2, DQN',
                'gcbc': 'GCBC', 'il': 'IL (CNN+GRU)', 'random': 'random', 'bot': 'expert (BabyAI bot): the ceiling',
                'gcbc_goal_shuffled': 'GCBC, goal shuffled (goal-blind control)',
@@ -130,7 +130,7 @@ def category_table(cats:pd.DataFrame)->pd.DataFrame:
 
 def ablation_table(summary:pd.DataFrame)->pd.DataFrame:
     "Training-goal quadrants only: TEDUO vs its step-2 policies and their ablations."
-    keep = ['teduo', 'tabular', 'tabular_oracle', 'dqn', 'gcbc']
+    keep = ['teduo', 'teduo_oracle', 'tabular', 'tabular_oracle', 'dqn', 'gcbc']
     s = summary[summary.quadrant.str.startswith('train goals') & summary.agent.isin(keep)]
     return table1(s)
 

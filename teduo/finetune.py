@@ -15,7 +15,7 @@ from .llm import LLMConfig, load_hf, model_fingerprint
 
 # %% auto #0
 __all__ = ['FINETUNE_KEYS', 'answer_loss', 'answer_loss_trainer', 'file_hash', 'sort_adapter_config', 'NoTrainingData',
-           'write_untrained', 'adapter_status', 'finetune_lora', 'completion_mask_of', 'main']
+           'write_untrained', 'adapter_status', 'finetune_lora', 'completion_mask_of', 'next_action_accuracy', 'main']
 
 # %% ../nbs/07_finetune.ipynb #67c8aafd
 def answer_loss(model, inputs:dict, num_items_in_batch=None):
@@ -95,7 +95,7 @@ def finetune_lora(train_path:str|Path, # prompt-completion JSONL
     import torch, datasets
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
-    check_keys(cfg, FINETUNE_KEYS, 'params.yaml:finetune', optional=['out_dir', 'curves', 'metrics', 'timing', 'gradient_checkpointing'])
+    check_keys(cfg, FINETUNE_KEYS, 'params.yaml:finetune', optional=['out_dir', 'curves', 'metrics', 'timing', 'gradient_checkpointing', 'oracle_control'])
     seed_everything(seed)
     nonempty = lambda p: Path(resolve(p)).exists() and Path(resolve(p)).stat().st_size > 0
     no_examples = f"{train_path}: no training examples (did step 2 produce any plans?)"
@@ -154,6 +154,32 @@ def completion_mask_of(example:dict, tok, max_length:int=1024)->tuple[list[int],
     p = tok.apply_chat_template(example['prompt'], tokenize=True, add_generation_prompt=True, return_dict=False)
     full = tok.apply_chat_template(example['prompt'] + example['completion'], tokenize=True, return_dict=False)
     return full[:max_length], ([0]*len(p) + [1]*(len(full) - len(p)))[:max_length]
+
+def next_action_accuracy(llm, # the tuned policy (`teduo.llm.LLM`, adapter loaded)
+                         rows:list[dict], # held-out prompt-completion examples (`heldout.jsonl` of the sft_data stage)
+                         train_rows:list[dict], # the training examples: the most frequent first action comes from them
+                         max_new_tokens:int=8, # enough for the first action of a list
+                        )->dict:
+    """Step 3's own metric, measured before any rollout: does the answer start with the plan's next action? Greedy,
+    on plans the model never saw, next to always answering the training answers' most frequent first action (a
+    model that learned only the action prior scores that); an answer without a parseable first action is wrong."""
+    import re
+    from collections import Counter
+    from teduo.core import wilson_interval
+    def first(text:str)->int|None:  # the first item of an answer's list, as an integer (None: the answer opens no list of them)
+        m = re.match(r'\s*\[\s*(\d+)\s*[,\]]?', text)
+        return int(m.group(1)) if m else None
+    if not rows: return {'n': 0}
+    truth = [first(r['completion'][0]['content']) for r in rows]
+    if None in truth: raise ValueError(f"held-out example {truth.index(None)}: its answer is not an action list")
+    majority = Counter(first(r['completion'][0]['content']) for r in train_rows).most_common(1)[0][0] if train_rows else None
+    answers = llm.generate([r['prompt'] for r in rows], max_new_tokens=max_new_tokens, temperature=0.0, seed=0, stop='action_list')
+    pred = [first(a) for a in answers]
+    k, n, km = sum(p == t for p, t in zip(pred, truth)), len(rows), sum(t == majority for t in truth)
+    r4 = lambda v: [round(float(x), 4) for x in v]
+    return {'n': n, 'correct': k, 'accuracy': round(k / n, 4), 'interval': r4(wilson_interval(k, n)),
+            'unparseable': sum(p is None for p in pred), 'majority_action': majority, 'majority_correct': km,
+            'majority_accuracy': round(km / n, 4), 'majority_interval': r4(wilson_interval(km, n))}
 
 # %% ../nbs/07_finetune.ipynb #565c9abd
 @call_parse

@@ -193,8 +193,11 @@ BABYAI_SECTIONS = {
                         **paths('out_dir', 'metrics', 'timing')}),
     'sft_data': Keys({'policy': Text('a step-2 policy, <algorithm>_<labels>'), 'max_plan_len': Int(1), 'replay_per_goal': Int(0),
                       'intermediate': Bool(), 'max_examples': Opt(Int(1)), 'validation': Num(0, 1, open_hi=True),
-                      **paths('out_dir', 'metrics', 'timing')}),
-    'finetune': Keys({**FINETUNE_TRAIN, **paths('out_dir', 'curves', 'metrics', 'timing')}, FINETUNE_OPTIONAL),
+                      **paths('out_dir', 'metrics', 'timing')},
+                     {'heldout_examples': Int(0), # examples of unused plans: step 3's held-out next-action accuracy
+                      'oracle_control': Keys({'policy': Text('a step-2 policy, <algorithm>_<labels>'), **paths('out_dir', 'metrics', 'timing')})}),
+    'finetune': Keys({**FINETUNE_TRAIN, **paths('out_dir', 'curves', 'metrics', 'timing')},
+                     {**FINETUNE_OPTIONAL, 'oracle_control': Keys(paths('out_dir', 'curves', 'metrics', 'timing'))}),
     'baselines': Keys({'il': Keys({'epochs': Int(1), 'lr': POSITIVE, 'batch': Int(1), 'hidden': Int(1)}),
                        'gcbc': Keys({'epochs': Int(1), 'lr': POSITIVE, 'batch': Int(1), 'hidden': Int(1),
                                      'labels': Choice(tuple(REWARD_KEYS)), 'max_examples': Int(1)}),
@@ -205,7 +208,7 @@ BABYAI_SECTIONS = {
                       'give_up_after': Opt(Int(1)), 'replan_every': Opt(Int(1)), 'max_new_tokens': Either((Choice(('auto',)), Int(1))), # auto: sized from sft_data.max_plan_len
                       'temperature': Num(0), 'retries': Int(0), 'retry_temperature': Num(0), 'cot': Bool(),
                       'baseline_state': Choice(('raw', 'abstract')),
-                      'inputs': Keys({}, paths('train_goals', 'test_goals', 'abstractions', 'labels', 'policies', 'adapter', 'baselines'))}),
+                      'inputs': Keys({}, paths('train_goals', 'test_goals', 'abstractions', 'labels', 'policies', 'adapter', 'adapter_oracle', 'baselines'))}),
     'figures': Keys({**paths('eval_dir', 'metrics_dir', 'out_dir', 'timing_out'), 'frames_per_strip': Int(1)},
                     {'stages_file': Opt(PATH)}),
 }
@@ -259,6 +262,19 @@ def _sft_policy_is_a_run(p):
     pol, runs = p['sft_data']['policy'], _run_names(p)
     return [] if pol in runs else [('sft_data.policy', f"{pol!r}, expected a policy offline_rl.runs writes: {or_list(runs)}{_suggest(pol, runs)}")]
 
+def _control_policy_is_a_run(p):
+    ctl, runs = p['sft_data'].get('oracle_control'), _run_names(p)
+    if ctl is None or ctl['policy'] in runs: return []
+    return [('sft_data.oracle_control.policy', f"{ctl['policy']!r}, expected a policy offline_rl.runs writes: {or_list(runs)}{_suggest(ctl['policy'], runs)}")]
+
+def _oracle_agent_has_a_control(p):
+    if 'teduo_oracle' not in p['evaluate']['agents']: return []
+    need = [('sft_data.oracle_control', p['sft_data']), ('finetune.oracle_control', p['finetune']),
+            ('evaluate.inputs.adapter_oracle', p['evaluate'].get('inputs', {}))]
+    key = lambda path: path.rsplit('.', 1)[-1]
+    return [(path, "missing: evaluate.agents lists teduo_oracle, which acts with the oracle control's adapter")
+            for path, sec in need if key(path) not in sec]
+
 def _agents_have_policies(p):
     runs = _run_names(p)
     return [(f"evaluate.agents[{i}]", f"{a!r} acts with the {AGENT_POLICIES[a]} policy, which no offline_rl.runs entry writes")
@@ -277,6 +293,8 @@ def _episodes_within_goals(p):
 
 RULES = [Rule(('babyai',), _buildable_layouts), Rule(('babyai',), _disjoint_layouts), Rule(('babyai',), _example_layout_unused), Rule(('base.llm',), _openai_has_a_server),
          Rule(('offline_rl.runs', 'sft_data.policy'), _sft_policy_is_a_run),
+         Rule(('offline_rl.runs', 'sft_data'), _control_policy_is_a_run),
+         Rule(('evaluate.agents', 'sft_data', 'finetune', 'evaluate'), _oracle_agent_has_a_control),
          Rule(('offline_rl.runs', 'evaluate.agents'), _agents_have_policies),
          Rule(('webshop',), _disjoint_goals), Rule(('webshop', 'webshop_evaluate.episodes'), _episodes_within_goals)]
 

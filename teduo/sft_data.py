@@ -19,7 +19,7 @@ from .offline_rl import empirical_mdp, greedy_actions, load_policies
 
 # %% auto #0
 __all__ = ['POLICY_SYSTEM', 'policy_chat', 'format_actions', 'parse_actions', 'parse_action_prefix', 'plan_token_budget', 'Plan',
-           'most_likely_next', 'rollout', 'replay', 'sft_examples', 'split_examples']
+           'most_likely_next', 'rollout', 'replay', 'sft_examples', 'split_examples', 'heldout_examples']
 
 # %% ../nbs/06_sft_data.ipynb #32446597
 POLICY_SYSTEM = ("You control an agent in a grid world of rooms. Actions: 0 turn left, 1 turn right, 2 move forward, "
@@ -134,21 +134,51 @@ def sft_examples(data, labeled:list[LabeledGoal], tables:list[np.ndarray], rewar
                 examples.append({'prompt': policy_chat(lg.goal.goal, text),
                                  'completion': [{'role': 'assistant', 'content': format_actions(acts[i:])}],
                                  'meta': {'goal': lg.goal.goal, 'instruction': lg.goal.instruction, 'goal_index': k,
-                                          'abstract_id': int(states[i]), 'plan_len': len(acts) - i, 'from_start': i == 0,
+                                          'abstract_id': int(states[i]), 'plan': int(st), 'plan_len': len(acts) - i, 'from_start': i == 0,
                                           'replay_success': end_ok}})
         stats['per_goal'].append({'instruction': lg.goal.instruction, 'start_states': int(len(starts)), 'plans': n_ok,
                                   'replayed': min(n_ok, replay_per_goal or n_ok), 'replay_success': n_rep})
     return examples, stats
 
+def _plans(examples:list[dict])->dict[tuple[int, int], list[int]]:
+    "(goal index, plan) -> indices of its examples (an example without a plan id is a plan of its own)."
+    out = {}
+    for i, e in enumerate(examples): out.setdefault((e['meta']['goal_index'], e['meta'].get('plan', -1 - i)), []).append(i)
+    return out
+
 def split_examples(examples:list[dict], max_examples:int|None, validation:float, seed:int)->tuple[list[dict], list[dict]]:
-    "Subsample (seeded, stratified by goal in turn) to `max_examples`, then hold out `validation` of them."
+    """Subsample (seeded, a whole plan at a time, round robin over goals) to `max_examples`, then hold out whole plans
+    as `validation` (about that share of the examples): no plan has states on both sides, so the validation loss
+    measures what the model learned about unseen plans, not about the other half of a plan it saw."""
     r = rng(seed, 'sft-split')
+    plans = _plans(examples); keys = sorted(plans)
     by_goal = {}
-    for i in r.permutation(len(examples)): by_goal.setdefault(examples[i]['meta']['goal_index'], []).append(int(i))
-    order, depth = [], 0  # round robin over goals so every goal keeps examples
-    while any(depth < len(v) for v in by_goal.values()):
-        order += [v[depth] for g, v in sorted(by_goal.items()) if depth < len(v)]; depth += 1
-    keep = order[:max_examples] if max_examples else order
-    n_val = int(round(validation * len(keep)))
-    val_idx = set(keep[i] for i in r.permutation(len(keep))[:n_val])
-    return [examples[i] for i in keep if i not in val_idx], [examples[i] for i in keep if i in val_idx]
+    for j in r.permutation(len(keys)): by_goal.setdefault(keys[j][0], []).append(keys[j])
+    chosen, n, depth = [], 0, 0  # round robin over goals so every goal keeps plans
+    while any(depth < len(v) for v in by_goal.values()) and (not max_examples or n < max_examples):
+        for g, v in sorted(by_goal.items()):
+            if depth < len(v) and (not max_examples or n < max_examples):
+                idx = plans[v[depth]][:max_examples - n] if max_examples else plans[v[depth]]
+                chosen.append(idx); n += len(idx)
+        depth += 1
+    n_val, val = int(round(validation * n)), set()
+    for j in r.permutation(len(chosen)):
+        if len(val) >= n_val: break
+        val.update(chosen[j])
+    keep = [i for idx in chosen for i in idx]
+    return [examples[i] for i in keep if i not in val], [examples[i] for i in keep if i in val]
+
+def heldout_examples(examples:list[dict], used:list[dict], n:int, seed:int)->list[dict]:
+    """Up to `n` examples of plans that `used` (the training and validation examples) never touch, one per plan, round
+    robin over goals: a clean test of step 3 (its next-action accuracy) on plans the model never saw."""
+    seen = {(e['meta']['goal_index'], e['meta'].get('plan')) for e in used}
+    r = rng(seed, 'sft-heldout'); by_goal = {}
+    for k, idx in sorted(_plans(examples).items()):
+        if k not in seen: by_goal.setdefault(k[0], []).append(idx)
+    for v in by_goal.values(): r.shuffle(v)
+    out, depth = [], 0
+    while len(out) < n and any(depth < len(v) for v in by_goal.values()):
+        for g, v in sorted(by_goal.items()):
+            if depth < len(v) and len(out) < n: out.append(examples[v[depth][int(r.integers(len(v[depth])))]])
+        depth += 1
+    return out

@@ -413,3 +413,16 @@ def test_table1_plot_takes_all_and_none_cells():
     s = pd.DataFrame({'agent': ['bot', 'random'], 'quadrant': QUADRANTS[0], 'successes': [200, 0], 'episodes': [200, 200]})
     fig = plot_table1(s)
     assert len(fig.axes[0].patches) == 2
+
+
+def test_the_oracle_step_1_control_acts_with_its_own_adapter(tmp_path):
+    "teduo_oracle reads evaluate.inputs.adapter_oracle (not TEDUO's adapter): untrained -> a reported 'not run', missing -> a named error."
+    from teduo.evaluate import NotRun
+    from teduo.finetune import write_untrained
+    write_untrained(tmp_path/'adapter_oracle', 'sft_oracle/train.jsonl: no training examples')
+    base = {'llm': {'policy': {'model': 'x'}}}
+    with pytest.raises(NotRun, match='not trained: sft_oracle/train.jsonl'):
+        build_agent('teduo_oracle', base, World(), {'adapter': tmp_path/'missing', 'adapter_oracle': tmp_path/'adapter_oracle'}, {}, {}, 0)
+    with pytest.raises(ValueError, match='evaluate.inputs.adapter_oracle missing'):
+        build_agent('teduo_oracle', base, World(), {'adapter': tmp_path/'adapter_oracle'}, {}, {}, 0)
+    assert AGENT_NAMES['teduo_oracle'].startswith('TEDUO, oracle step 1')

@@ -172,3 +172,21 @@ def test_adapter_status_reports_an_untrained_run_and_refuses_a_missing_or_foreig
     with pytest.raises(FileNotFoundError, match='no adapter folder at None'): adapter_status(None)
     (tmp_path/'foreign').mkdir(); (tmp_path/'foreign'/'weights.bin').write_text('x')
     with pytest.raises(ValueError, match='foreign: neither adapter_config.json nor teduo_meta.json'): adapter_status(tmp_path/'foreign')
+
+
+def test_next_action_accuracy_scores_the_first_action_against_the_majority_baseline():
+    "Step 3's own metric on known answers: right first action counts, a wrong or unparseable one does not."
+    from fakes import ScriptedBackend
+    from teduo.finetune import next_action_accuracy
+    rows = [{'prompt': [{'role': 'user', 'content': f'Goal: g{i}'}], 'completion': [{'role': 'assistant', 'content': a}]}
+            for i, a in enumerate(['[2, 2, 1]', '[1, 3]', '[0, 2, 5]', '[2]', '[5]'])]
+    said = {'g0': '[2, 0]', 'g1': '[3, 1]', 'g2': '[0]', 'g3': 'go forward', 'g4': '[5, 5'}  # right, wrong, right, unparseable, right (cut)
+    llm = LLM(LLMConfig('scripted'), None, backend=ScriptedBackend(lambda c: said[c[-1]['content'].split(': ')[1]]))
+    train = rows[:1] * 3 + rows[1:2]  # first actions 2, 2, 2, 1: the majority answer is 2
+    m = next_action_accuracy(llm, rows, train)
+    assert (m['n'], m['correct'], m['accuracy'], m['unparseable']) == (5, 3, 0.6, 1)
+    assert (m['majority_action'], m['majority_correct'], m['majority_accuracy']) == (2, 2, 0.4)
+    assert m['interval'][0] < 0.6 < m['interval'][1] and m['majority_interval'][0] < 0.4 < m['majority_interval'][1]
+    assert next_action_accuracy(llm, [], train) == {'n': 0}
+    with pytest.raises(ValueError, match='held-out example 0: its answer is not an action list'):
+        next_action_accuracy(llm, [{**rows[0], 'completion': [{'role': 'assistant', 'content': 'no'}]}], train)

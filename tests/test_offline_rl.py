@@ -192,6 +192,28 @@ def test_split_examples_is_a_stratified_partition(run):
     assert len(a) == len(ex) and b == []
 
 
+def test_split_keeps_each_plan_on_one_side_and_heldout_plans_are_unused(run):
+    "Validation holds whole plans (no plan has states on both sides); held-out examples come from plans neither side used."
+    from teduo.sft_data import heldout_examples
+    ex = run['examples']
+    plan = lambda e: (e['meta']['goal_index'], e['meta']['plan'])
+    by_plan = {}
+    for e in ex: by_plan.setdefault(plan(e), []).append(e)
+    assert max(map(len, by_plan.values())) > 1, 'the fixture must have plans of several examples for this test to mean anything'
+    for n, share in ((40, 0.25), (None, 0.3), (len(ex) // 2, 0.5)):
+        train, val = split_examples(ex, n, share, seed=0)
+        assert val and train and not {plan(e) for e in train} & {plan(e) for e in val}, (n, share)
+        assert len(train) + len(val) == (n or len(ex))
+        assert len(val) >= round(share * (n or len(ex)))  # whole plans: at least the share, never a plan split to reach it
+        held = heldout_examples(ex, train + val, 10**6, seed=0)
+        used = {plan(e) for e in train + val}
+        assert not {plan(e) for e in held} & used
+        assert len(held) == len({plan(e) for e in held}) == len(set(by_plan) - used), 'one example of every unused plan'
+        assert heldout_examples(ex, train + val, 3, seed=0) == heldout_examples(ex, train + val, 3, seed=0)
+        assert len(heldout_examples(ex, train + val, 3, seed=0)) == min(3, len(held))
+    assert heldout_examples(ex, ex, 5, seed=0) == []  # every plan used: nothing to hold out
+
+
 def test_sft_files_load_with_datasets_as_prompt_completion_rows(run, tmp_path):
     import datasets
     ds = datasets.load_dataset('json', data_files={'train': str(run['dir']/'train.jsonl'),

@@ -22,7 +22,7 @@ TINY = {
     'abstract.max_new_tokens': 16,
     'label.states_per_goal': 8, 'label.hidden': 8,
     'offline_rl.max_sweeps': 200, 'offline_rl.dqn.steps': 20, 'offline_rl.bc.epochs': 2,
-    'sft_data.replay_per_goal': 2, 'sft_data.max_examples': 12, 'sft_data.max_plan_len': 16,
+    'sft_data.replay_per_goal': 2, 'sft_data.max_examples': 12, 'sft_data.max_plan_len': 16, 'sft_data.heldout_examples': 6,
     'finetune.max_steps': 2, 'finetune.batch_size': 4, 'finetune.max_length': 256, 'finetune.eval_steps': 1,
     'finetune.logging_steps': 1,
     'baselines.il.epochs': 2, 'baselines.gcbc.epochs': 1, 'baselines.gcbc.max_examples': 500,
@@ -86,7 +86,9 @@ def test_every_stage_ran_and_wrote_its_metrics(smoke_run):
             path = next(iter(m)) if isinstance(m, dict) else m
             path = path.replace('${', '').replace('}', '')
             if '/' not in path:  # a ${section.key} reference
-                sec, key = path.split('.'); path = yaml.safe_load((work/'params.yaml').read_text())[sec][key]
+                v = yaml.safe_load((work/'params.yaml').read_text())
+                for k in path.split('.'): v = v[k]  # e.g. finetune.oracle_control.metrics
+                path = v
             assert json.loads((work/path).read_text()), f"{name}: empty metrics {path}"
     assert 'Data and pipelines are up to date' in log.split('$ dvc status')[-1], log
 
@@ -109,5 +111,8 @@ def test_teduo_is_reported_even_without_training_data(smoke_run):
     assert 'teduo' in ev['agents'] or 'teduo' in ev['not_run'], ev.keys()
     ft = json.loads((work/'metrics/finetune.json').read_text())
     assert ft['trained'] == ('teduo' in ev['agents']), (ft, ev.get('not_run'))
+    fo = json.loads((work/'metrics/finetune_oracle.json').read_text())  # the oracle-step-1 control: the same, with its own adapter
+    assert fo['trained'] == ('teduo_oracle' in ev['agents']), (fo, ev.get('not_run'))
+    if fo['trained']: assert fo['next_action']['n'] == json.loads((work/'metrics/sft_data_oracle.json').read_text())['examples_heldout']
     ws = json.loads((work/'metrics/webshop_evaluate.json').read_text())
     assert 'teduo' in ws['policies'] or 'teduo' in ws['not_run']
