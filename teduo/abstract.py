@@ -13,15 +13,16 @@ import numpy as np
 from .core import check_keys, or_list, read_json, read_jsonl, resolve, write_json, StageTimer
 from .babyai import (World, Goal, COLORS, OBJECT_TYPES, TYPE_IDX, COLOR_IDX, EMPTY, WALL, DOOR, DIRECTIONS, DIR_TO_VEC,
                           batch_fields, _match, parse_instruction, GoToTileInstr, GoToInstr, PickupInstr, OpenInstr,
-                          PutNextInstr)
+                          PutNextInstr, state_text)
 from .llm import LLM, LLMConfig, Unparseable, parse_json_answer, ParseError
 
 # %% auto #0
 __all__ = ['SELECTION_SCHEMA', 'HIDDEN', 'FLOOR', 'WALLC', 'OBSTACLE', 'DOORC', 'GOAL_OBJECT', 'GOAL_LOCATION', 'CATEGORY_NAMES',
            'CARRIED_NAMES', 'KEY_', 'BALL_', 'BOX_', 'ABSTRACTION_SYSTEM', 'ABSTRACTION_EXAMPLES',
            'ABSTRACTION_SOURCES', 'ABSTRACTION_MODES', 'selection_schema', 'oracle_selection', 'canonical_selection',
-           'abstract_len', 'abstract_states', 'abstract_text', 'abstraction_chat', 'llm_selections',
-           'constrained_selections', 'make_abstractions', 'unique_rows', 'abstraction_report']
+           'abstract_len', 'abstract_states', 'abstract_text', 'egocentric_text', 'policy_state_text',
+           'abstraction_chat', 'llm_selections', 'constrained_selections', 'make_abstractions', 'unique_rows',
+           'abstraction_report']
 
 # %% ../nbs/03_abstract.ipynb #4819386c
 _DESC_SCHEMA = {'type': 'object', 'additionalProperties': False, 'required': ['type'],
@@ -147,6 +148,62 @@ def abstract_text(a:np.ndarray, # (2 + W*H + 4,) abstract state
     if door(fc, fx, fy): name += f" ({['open', 'closed', 'locked'][fs]})"
     lines.append(f"In front of the agent: {name if fc in (FLOOR, WALLC, HIDDEN) else 'the ' + name} at ({fx},{fy}).")
     return '\n'.join(lines)
+
+# %% ../nbs/03_abstract.ipynb #bb57f89b
+def _rel(dx:int, dy:int, d:int)->tuple[int, int]:
+    "(steps forward, steps right) of an offset (dx, dy) for an agent facing minigrid direction `d`."
+    vx, vy = DIR_TO_VEC[d]
+    return int(dx*vx + dy*vy), int(dx*-vy + dy*vx)
+
+def _where(f:int, r:int)->str:
+    "BabyAI-Text's relative position: '2 forward, 1 left' (here: the agent's own tile)."
+    parts = ([f"{f} forward"] if f > 0 else [f"{-f} behind"] if f < 0 else []) + \
+            ([f"{r} right"] if r > 0 else [f"{-r} left"] if r < 0 else [])
+    return ', '.join(parts) or 'here'
+
+def egocentric_text(a:np.ndarray, # (2 + W*H + 4,) abstract state
+                    room_size:int)->str:
+    """The abstract state as BabyAI-Text writes a view: every shown goal object, goal location, door and obstacle at
+    its steps forward/behind and left/right of the agent (nearest first), the distance to the wall or door straight
+    ahead, behind, left and right, the inventory and what is in front. No coordinates: the same situation reads the
+    same in every layout."""
+    W, H = int(a[0]), int(a[1]); code = a[2:-4].reshape(W, H); cat, st = code // 3, code % 3
+    ax, ay, d, cc = (int(v) for v in a[-4:])
+    s = room_size - 1
+    def door(c, x, y): return c == DOORC or (c in (GOAL_OBJECT, GOAL_LOCATION) and (x % s == 0 or y % s == 0))
+    def things(c):
+        xs, ys = np.nonzero(cat == c)
+        rel = sorted((abs(f) + abs(r), -f, r, x, y) for x, y in zip(xs.tolist(), ys.tolist()) for f, r in [_rel(x - ax, y - ay, d)])
+        out = [_where(-nf, r) + (f" ({['open', 'closed', 'locked'][st[x, y]]})" if door(c, x, y) else '') for _, nf, r, x, y in rel]
+        return '; '.join(out) if out else 'none'
+    shown = cat != HIDDEN
+    lines = [f"View: {'this room' if (~shown).any() else 'all rooms'}."]
+    for c, name in ((GOAL_OBJECT, 'Goal object'), (GOAL_LOCATION, 'Goal location'), (DOORC, 'Doors'), (OBSTACLE, 'Obstacles')):
+        lines.append(f"{name}: {things(c)}.")
+    walls = []
+    for k, name in ((0, 'forward'), (2, 'behind'), (3, 'left'), (1, 'right')):  # the directions d, d+2, d-1, d+1
+        vx, vy = DIR_TO_VEC[(d + k) % 4]; n = 1
+        while 0 <= ax + n*vx < W and 0 <= ay + n*vy < H and cat[ax + n*vx, ay + n*vy] not in (WALLC, DOORC, HIDDEN) \
+              and not door(int(cat[ax + n*vx, ay + n*vy]), ax + n*vx, ay + n*vy):
+            n += 1
+        walls.append(f"{n} {name}")
+    lines.append(f"Walls: {', '.join(walls)}.")
+    lines.append(f"Carrying: {CARRIED_NAMES[cc]}.")
+    fx, fy = ax + DIR_TO_VEC[d][0], ay + DIR_TO_VEC[d][1]
+    fc, fs = (int(cat[fx, fy]), int(st[fx, fy])) if 0 <= fx < W and 0 <= fy < H else (WALLC, 0)
+    name = {FLOOR: 'empty floor', WALLC: 'wall', HIDDEN: 'outside the view'}.get(fc, CATEGORY_NAMES[fc])
+    if door(fc, fx, fy): name += f" ({['open', 'closed', 'locked'][fs]})"
+    lines.append(f"In front: {name if fc in (FLOOR, WALLC, HIDDEN) else 'the ' + name}.")
+    return '\n'.join(lines)
+
+def policy_state_text(a:np.ndarray, # an abstract state, or a full state when the goal has no abstraction
+                      room_size:int, state_format:str='coords', # `teduo.policy_prompt.STATE_FORMATS`
+                      abstract:bool=True)->str:
+    "The state text a policy prompt shows: `abstract_text` (coords) or `egocentric_text`; a full state keeps the paper's `state_text`."
+    if not abstract: return state_text(a)
+    if state_format == 'coords': return abstract_text(a, room_size)
+    if state_format == 'egocentric': return egocentric_text(a, room_size)
+    raise ValueError(f"state format {state_format!r}: expected coords or egocentric")
 
 # %% ../nbs/03_abstract.ipynb #479ba630
 ABSTRACTION_SYSTEM = (

@@ -14,7 +14,8 @@ from .core import rng, stable_seed
 from .babyai import Goal, ACTIONS, state_text, EXAMPLE_LAYOUT
 from .abstract import abstract_states, abstract_text
 from .llm import LLM, LLMConfig
-from .sft_data import POLICY_SYSTEM, policy_chat, parse_action_prefix, format_actions
+from .abstract import policy_state_text
+from .policy_prompt import PAPER_FORMAT, PolicyFormat, POLICY_SYSTEM, policy_chat, parse_action_prefix, parse_answer_prefix, format_actions
 
 # %% auto #0
 __all__ = ['NOOP', 'IN_CONTEXT_EXAMPLES', 'Agent', 'RandomAgent', 'TabularAgent', 'raw_in_context_examples', 'in_context_chat',
@@ -142,37 +143,55 @@ class LLMAgent(Agent):
                  seed:int=0, name:str|None=None,
                  state:str='abstract', # 'abstract': the goal's abstract state when known; 'raw': the full state text (paper's untuned baselines)
                  examples:list|None=None, # in_context worked examples (default `IN_CONTEXT_EXAMPLES`, abstract states)
+                 fmt:PolicyFormat=PAPER_FORMAT, # the 'teduo' prompt's format: how its adapter was tuned (`teduo.policy_prompt.load_format`)
+                 loop_temperature:float=0.0, # an ask in a state the episode has already been in is sampled at this temperature (0: greedy as always)
                 ):
         if prompt not in ('teduo', 'in_context'): raise ValueError(f"prompt {prompt!r}: expected teduo or in_context")
         if state not in ('abstract', 'raw'): raise ValueError(f"state {state!r}: expected abstract or raw")
-        self.state, self.examples = state, examples
+        self.state, self.examples, self.fmt = state, examples, PolicyFormat.of(fmt)
         self.llm, self.sel, self.room_size, self.prompt, self.cot = llm, selections, room_size, prompt, cot
         self.replan_every, self.max_new_tokens, self.temperature, self.seed = replan_every, max_new_tokens, temperature, seed
-        self.retries, self.retry_temperature = retries, retry_temperature
+        self.retries, self.retry_temperature, self.loop_temperature = retries, retry_temperature, loop_temperature
         self.name = name or ('llm_' + prompt)
     def reset(self, n):
         self.n, self.queue, self.left = n, [[] for _ in range(n)], [0]*n
         self.queries, self.invalid_answers, self.reasks, self.unanswered = 0, 0, 0, 0  # totals: asks, unparseable answers, re-asks, asks left without a plan
         self.t, self.key = np.zeros(n, int), [None]*n  # steps taken and who each episode is (seeds its re-asks)
-        self.counts = {k: np.zeros(n, int) for k in ('answers', 'unparseable_answers', 'retries')}
+        self.seen = [set() for _ in range(n)]  # states each episode has asked in: a greedy ask there again would repeat its answer
+        self.loop_asks = 0  # asks sampled because the state repeated
+        self.counts = {k: np.zeros(n, int) for k in ('answers', 'unparseable_answers', 'retries', 'loop_asks')}
     def episode_counts(self): return {k: v.copy() for k, v in self.counts.items()}
     def describe(self, s:np.ndarray, goal:Goal)->str:
         "The state as the prompt shows it: abstract when the goal's abstraction is known."
         sel = self.sel.get(goal.goal)  # keyed by the goal text: a policy never sees the checker's instruction
         if sel is None or self.state == 'raw': return state_text(s)
-        return abstract_text(abstract_states(s[None], sel, self.room_size)[0], self.room_size)
+        a = abstract_states(s[None], sel, self.room_size)[0]
+        return policy_state_text(a, self.room_size, self.fmt.state) if self.prompt == 'teduo' else abstract_text(a, self.room_size)
     def chat(self, s:np.ndarray, goal:Goal)->list[dict]:
         text = self.describe(s, goal)
-        return policy_chat(goal.goal, text) if self.prompt == 'teduo' else in_context_chat(goal.goal, text, self.cot, self.examples)
+        return policy_chat(goal.goal, text, self.fmt) if self.prompt == 'teduo' else in_context_chat(goal.goal, text, self.cot, self.examples)
     def _parse(self, text:str, e:int)->list[int]:
         "The plan of episode `e`'s answer ([] if unparseable), counted."
         self.counts['answers'][e] += 1
-        try: return parse_answer(text, self.cot)
+        try: return parse_answer_prefix(text, self.fmt) if self.prompt == 'teduo' else parse_answer(text, self.cot)
         except ValueError: self.counts['unparseable_answers'][e] += 1; self.invalid_answers += 1; return []
-    def plans(self, chats:list[list[dict]], eps:list[int])->list[list[int]]:
-        "A plan per chat of episodes `eps`: one batched answer, each unparseable one re-asked (sampled, seeded by episode, step and attempt)."
-        stop = None if self.cot else 'action_list'  # decoding ends once the list is closed or can never parse: the same plans, fewer tokens
-        answers = self.llm.generate(chats, max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed, stop=stop)
+    def plans(self, chats:list[list[dict]], eps:list[int], looping:list[bool]|None=None)->list[list[int]]:
+        """A plan per chat of episodes `eps`: one batched answer, each unparseable one re-asked (sampled, seeded by episode,
+        step and attempt). A chat whose episode is `looping` (back in a state it asked in before) is sampled at
+        `loop_temperature`, seeded by episode and step: greedy decoding would give the answer that led back here."""
+        # decoding ends once the list is closed or can never parse: the same plans, fewer tokens (action words end at the turn's end)
+        stop = None if self.cot or (self.prompt == 'teduo' and self.fmt.actions == 'words') else 'action_list'
+        loop = [j for j in range(len(chats)) if looping and looping[j] and self.loop_temperature > 0]
+        greedy = [j for j in range(len(chats)) if j not in set(loop)]
+        answers = [None]*len(chats)
+        if greedy:
+            for j, a in zip(greedy, self.llm.generate([chats[j] for j in greedy], max_new_tokens=self.max_new_tokens,
+                                                      temperature=self.temperature, seed=self.seed, stop=stop)): answers[j] = a
+        if loop:
+            seeds = [stable_seed(self.seed, 'llm-agent-loop', self.key[eps[j]], int(self.t[eps[j]])) for j in loop]
+            for j, a in zip(loop, self.llm.generate([chats[j] for j in loop], max_new_tokens=self.max_new_tokens,
+                                                    temperature=self.loop_temperature, seed=seeds, stop=stop)):
+                answers[j] = a; self.counts['loop_asks'][eps[j]] += 1; self.loop_asks += 1
         self.queries += len(chats)
         out = [self._parse(text, e) for text, e in zip(answers, eps)]
         tries = self.retries if self.retry_temperature > 0 else 0
@@ -194,7 +213,10 @@ class LLMAgent(Agent):
             if self.key[e] is None: self.key[e] = episode_key(g, s)
         need = [j for j, e in enumerate(idx) if not self.queue[e] or self.left[e] <= 0]
         if need:
-            for j, plan in zip(need, self.plans([self.chat(states[j], goals[j]) for j in need], [idx[j] for j in need])):
+            looping = []
+            for j in need:  # has this episode asked in this very state before?
+                h = np.asarray(states[j]).tobytes(); looping.append(h in self.seen[idx[j]]); self.seen[idx[j]].add(h)
+            for j, plan in zip(need, self.plans([self.chat(states[j], goals[j]) for j in need], [idx[j] for j in need], looping)):
                 e = idx[j]
                 self.queue[e] = plan
                 self.left[e] = len(plan) if self.replan_every is None else min(self.replan_every, len(plan))

@@ -110,9 +110,11 @@ def load_baseline(path, selections:dict, world:World, seed:int=0)->BaselineAgent
 # %% ../nbs/08b_baselines.ipynb #8667d5ec
 def il_data(sft_rows:list[dict], labeled)->tuple[np.ndarray, list[str], np.ndarray]:
     "(abstract states, goal texts, first actions) of SFT examples."
-    from teduo.sft_data import parse_actions
+    from teduo.policy_prompt import parse_actions
     S = np.stack([labeled[r['meta']['goal_index']].states[r['meta']['abstract_id']] for r in sft_rows])
-    return S, [r['meta']['goal'] for r in sft_rows], np.array([parse_actions(r['completion'][0]['content'])[0] for r in sft_rows])
+    # the next action from the plan itself (any answer format); files written before meta.actions hold the paper's lists
+    first = [r['meta']['actions'][0] if 'actions' in r['meta'] else parse_actions(r['completion'][0]['content'])[0] for r in sft_rows]
+    return S, [r['meta']['goal'] for r in sft_rows], np.array(first)
 
 def gcbc_data(data, labeled, labels:str, max_examples:int, seed:int)->tuple[np.ndarray, list[str], np.ndarray]:
     "(full states, goal texts, actions) from hindsight relabeling of the raw trajectories."

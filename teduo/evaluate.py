@@ -123,7 +123,7 @@ def run_episodes(agent:Agent, specs:list[EpisodeSpec], world:World, max_steps:in
                         'episode_seed': [sp.episode_seed for sp in specs], 'bot_steps': [sp.bot_steps for sp in specs],
                         'success': success, 'gave_up': gave_up, 'steps': steps,
                         'unparseable_steps': unparseable, 'no_effect_actions': no_effect,
-                        **{k: counts.get(k, np.zeros(n, int)) for k in ('answers', 'unparseable_answers', 'retries')}})
+                        **{k: counts.get(k, np.zeros(n, int)) for k in ('answers', 'unparseable_answers', 'retries', 'loop_asks')}})
     return log, traj
 
 # %% ../nbs/09_evaluate.ipynb #7c6f2679
@@ -220,12 +220,17 @@ def build_agent(name:str, base:dict, world:World, inputs:dict, ev:dict, selectio
                             goal_lists, seed)
     if name in LLM_AGENTS:
         cfg = dict(base['llm']['policy'])
+        fmt, budget = None, check_positive(ev.get('max_new_tokens', 24), 'evaluate.max_new_tokens (resolve auto with answer_budget)')
         if name in ('teduo', 'teduo_oracle'):  # teduo_oracle: the same steps 2-3 on oracle labels (its own adapter)
             from teduo.finetune import adapter_status
             key = 'adapter' if name == 'teduo' else 'adapter_oracle'
             if key not in inputs: raise ValueError(f"agent {name!r}: params evaluate.inputs.{key} missing, expected its adapter folder")
             if why := adapter_status(inputs[key]): raise NotRun(why)
             cfg['adapter'] = str(inputs[key])
+            from teduo.policy_prompt import load_format, answer_token_budget
+            fmt = load_format(resolve(inputs[key]))  # the agent asks the way its adapter was tuned
+            if ev.get('max_plan_len'):  # max_new_tokens 'auto': what decodes the longest answer of that format
+                budget = answer_token_budget(1 if fmt.answer == 'next' else ev['max_plan_len'], fmt)
         llm = LLM(LLMConfig.from_params(cfg, 'params.yaml:base.llm.policy'), cache)
         cot = ev.get('cot', False) and name == 'llm_in_context'
         state = 'abstract' if name.startswith('teduo') else ev.get('baseline_state', 'raw')  # TEDUO acts on what it was tuned on
@@ -234,12 +239,11 @@ def build_agent(name:str, base:dict, world:World, inputs:dict, ev:dict, selectio
             from teduo.agent import raw_in_context_examples
             examples = raw_in_context_examples(world, seed=seed)
         return LLMAgent(llm, selections, world.room_size, prompt='in_context' if name == 'llm_in_context' else 'teduo', state=state,
-                        examples=examples,
-                        cot=cot, replan_every=ev.get('replan_every', 1),
-                        max_new_tokens=check_positive(ev.get('max_new_tokens', 24), 'evaluate.max_new_tokens (resolve auto with answer_budget)')
-                                       * (4 if cot else 1),
+                        examples=examples, fmt=fmt,
+                        cot=cot, replan_every=ev.get('replan_every', 1), max_new_tokens=budget * (4 if cot else 1),
                         temperature=ev.get('temperature', 0.0), retries=ev.get('retries', 2),
-                        retry_temperature=ev.get('retry_temperature', 0.7), seed=seed, name=name)
+                        retry_temperature=ev.get('retry_temperature', 0.7), loop_temperature=ev.get('loop_temperature', 0.0),
+                        seed=seed, name=name)
     if name in AGENT_POLICIES:
         from teduo.offline_rl import load_policies
         from teduo.label import load_labels

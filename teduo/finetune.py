@@ -12,6 +12,7 @@ from fastcore.script import call_parse
 
 from .core import atomic_path, check_keys, load_params, read_json, resolve, seed_everything, write_json, StageTimer
 from .llm import LLMConfig, load_hf, model_fingerprint
+from .policy_prompt import PAPER_FORMAT, PolicyFormat, answer_token_budget, load_format, parse_answer_prefix, save_format
 
 # %% auto #0
 __all__ = ['FINETUNE_KEYS', 'answer_loss', 'answer_loss_trainer', 'file_hash', 'sort_adapter_config', 'NoTrainingData',
@@ -133,7 +134,8 @@ def finetune_lora(train_path:str|Path, # prompt-completion JSONL
                             + [{'step': h['step'], 'loss': h['eval_loss']} for h in hist if 'eval_loss' in h]}
     best = min((c['loss'] for c in curves['validation']), default=None)
     n_tokens = int(sum(len(tok.apply_chat_template(r['prompt'] + r['completion'], tokenize=True, return_dict=False)) for r in ds['train']))
-    summary = {'trained': True, 'base_model': base.model, 'base_fingerprint': model_fingerprint(base), 'params': {k: cfg[k] for k in FINETUNE_KEYS},
+    fmt = load_format(Path(resolve(train_path)).parent)  # how the data asks and answers: the evaluation asks the adapter the same way
+    summary = {'trained': True, 'base_model': base.model, 'prompt': fmt.to_dict(), 'base_fingerprint': model_fingerprint(base), 'params': {k: cfg[k] for k in FINETUNE_KEYS},
                'seed': seed, 'data_sha256': file_hash(*[p for p in (train_path, val_path) if p]),
                'train_examples': len(ds['train']), 'validation_examples': len(ds['validation']) if has_val else 0,
                'steps': trainer.state.global_step, 'epochs': round(float(trainer.state.epoch or 0), 3),
@@ -142,7 +144,7 @@ def finetune_lora(train_path:str|Path, # prompt-completion JSONL
                'train_runtime_s': round(res.metrics.get('train_runtime', 0.0), 2),
                'train_tokens_per_s': round(n_tokens * float(trainer.state.epoch or 0) / max(res.metrics.get('train_runtime', 1e-9), 1e-9), 1)}
     with atomic_path(resolve(out_dir)) as tmp:
-        trainer.model.save_pretrained(tmp); tok.save_pretrained(tmp); sort_adapter_config(Path(tmp), base.model)
+        trainer.model.save_pretrained(tmp); tok.save_pretrained(tmp); sort_adapter_config(Path(tmp), base.model); save_format(tmp, fmt)
         write_json({k: v for k, v in summary.items() if k not in ('train_runtime_s', 'train_tokens_per_s')}, Path(tmp)/'teduo_meta.json')
     if curves_path: write_json(curves, resolve(curves_path))
     shutil.rmtree(work, ignore_errors=True)
@@ -158,22 +160,22 @@ def completion_mask_of(example:dict, tok, max_length:int=1024)->tuple[list[int],
 def next_action_accuracy(llm, # the tuned policy (`teduo.llm.LLM`, adapter loaded)
                          rows:list[dict], # held-out prompt-completion examples (`heldout.jsonl` of the sft_data stage)
                          train_rows:list[dict], # the training examples: the most frequent first action comes from them
-                         max_new_tokens:int=8, # enough for the first action of a list
+                         fmt:PolicyFormat=PAPER_FORMAT, # the data's prompt and answer format (`load_format` of its folder)
                         )->dict:
     """Step 3's own metric, measured before any rollout: does the answer start with the plan's next action? Greedy,
     on plans the model never saw, next to always answering the training answers' most frequent first action (a
     model that learned only the action prior scores that); an answer without a parseable first action is wrong."""
-    import re
     from collections import Counter
     from teduo.core import wilson_interval
-    def first(text:str)->int|None:  # the first item of an answer's list, as an integer (None: the answer opens no list of them)
-        m = re.match(r'\s*\[\s*(\d+)\s*[,\]]?', text)
-        return int(m.group(1)) if m else None
+    def first(text:str)->int|None:  # the first action of an answer (None: it starts with none)
+        try: return parse_answer_prefix(text, fmt)[0]
+        except ValueError: return None
     if not rows: return {'n': 0}
     truth = [first(r['completion'][0]['content']) for r in rows]
-    if None in truth: raise ValueError(f"held-out example {truth.index(None)}: its answer is not an action list")
+    if None in truth: raise ValueError(f"held-out example {truth.index(None)}: its answer is not an answer of format {fmt}")
     majority = Counter(first(r['completion'][0]['content']) for r in train_rows).most_common(1)[0][0] if train_rows else None
-    answers = llm.generate([r['prompt'] for r in rows], max_new_tokens=max_new_tokens, temperature=0.0, seed=0, stop='action_list')
+    answers = llm.generate([r['prompt'] for r in rows], max_new_tokens=answer_token_budget(1, fmt), temperature=0.0, seed=0,
+                           stop='action_list' if fmt.actions == 'ids' else None)
     pred = [first(a) for a in answers]
     k, n, km = sum(p == t for p, t in zip(pred, truth)), len(rows), sum(t == majority for t in truth)
     r4 = lambda v: [round(float(x), 4) for x in v]

@@ -19,6 +19,7 @@ from .llm import BACKENDS, DTYPES
 from .abstract import ABSTRACTION_MODES, ABSTRACTION_SOURCES
 from .label import CALIBRATIONS, LABELERS, REWARD_KEYS
 from .offline_rl import ALGORITHMS
+from .policy_prompt import ACTION_FORMATS, ANSWER_FORMATS, STATE_FORMATS
 from .evaluate import AGENT_POLICIES, AGENTS
 from .webshop.collect import CLICK_KINDS, KEYWORD_SOURCES, View
 from .webshop.label import CALIBRATIONS as WEBSHOP_CALIBRATIONS, LABELERS as WEBSHOP_LABELERS
@@ -195,6 +196,7 @@ BABYAI_SECTIONS = {
                       'intermediate': Bool(), 'max_examples': Opt(Int(1)), 'validation': Num(0, 1, open_hi=True),
                       **paths('out_dir', 'metrics', 'timing')},
                      {'heldout_examples': Int(0), # examples of unused plans: step 3's held-out next-action accuracy
+                      'prompt': Keys({}, {'state': Choice(STATE_FORMATS), 'actions': Choice(ACTION_FORMATS), 'answer': Choice(ANSWER_FORMATS)}),
                       'oracle_control': Keys({'policy': Text('a step-2 policy, <algorithm>_<labels>'), **paths('out_dir', 'metrics', 'timing')})}),
     'finetune': Keys({**FINETUNE_TRAIN, **paths('out_dir', 'curves', 'metrics', 'timing')},
                      {**FINETUNE_OPTIONAL, 'oracle_control': Keys(paths('out_dir', 'curves', 'metrics', 'timing'))}),
@@ -206,7 +208,7 @@ BABYAI_SECTIONS = {
                       'max_steps': Int(1), **paths('cache', 'out_dir', 'metrics', 'timing')},
                      {'episodes_per_cell': Opt(Int(1)), 'llm_episodes_per_cell': Opt(Int(1)), 'min_bot_steps': Int(0),
                       'give_up_after': Opt(Int(1)), 'replan_every': Opt(Int(1)), 'max_new_tokens': Either((Choice(('auto',)), Int(1))), # auto: sized from sft_data.max_plan_len
-                      'temperature': Num(0), 'retries': Int(0), 'retry_temperature': Num(0), 'cot': Bool(),
+                      'temperature': Num(0), 'retries': Int(0), 'retry_temperature': Num(0), 'loop_temperature': Num(0), 'cot': Bool(),
                       'baseline_state': Choice(('raw', 'abstract')),
                       'inputs': Keys({}, paths('train_goals', 'test_goals', 'abstractions', 'labels', 'policies', 'adapter', 'adapter_oracle', 'baselines'))}),
     'figures': Keys({**paths('eval_dir', 'metrics_dir', 'out_dir', 'timing_out'), 'frames_per_strip': Int(1)},
@@ -258,14 +260,18 @@ def _openai_has_a_server(p):
 
 def _run_names(p)->list[str]: return [f"{r['algorithm']}_{r['labels']}" for r in p['offline_rl']['runs']] # policy files
 
-def _sft_policy_is_a_run(p):
-    pol, runs = p['sft_data']['policy'], _run_names(p)
-    return [] if pol in runs else [('sft_data.policy', f"{pol!r}, expected a policy offline_rl.runs writes: {or_list(runs)}{_suggest(pol, runs)}")]
+def _policy_is_a_run(path:str):
+    "A rule: the step-2 policy named at dotted `path` (under sft_data) is one that offline_rl.runs writes (absent: nothing to check)."
+    def rule(p):
+        d = p
+        for k in path.split('.'):
+            if not isinstance(d, dict) or k not in d: return []
+            d = d[k]
+        runs = _run_names(p)
+        return [] if d in runs else [(path, f"{d!r}, expected a policy offline_rl.runs writes: {or_list(runs)}{_suggest(d, runs)}")]
+    return rule
 
-def _control_policy_is_a_run(p):
-    ctl, runs = p['sft_data'].get('oracle_control'), _run_names(p)
-    if ctl is None or ctl['policy'] in runs: return []
-    return [('sft_data.oracle_control.policy', f"{ctl['policy']!r}, expected a policy offline_rl.runs writes: {or_list(runs)}{_suggest(ctl['policy'], runs)}")]
+_sft_policy_is_a_run, _control_policy_is_a_run = _policy_is_a_run('sft_data.policy'), _policy_is_a_run('sft_data.oracle_control.policy')
 
 def _oracle_agent_has_a_control(p):
     if 'teduo_oracle' not in p['evaluate']['agents']: return []

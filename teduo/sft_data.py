@@ -13,54 +13,14 @@ from tqdm.auto import tqdm
 
 from .core import read_json, read_jsonl, resolve, rng, write_json, write_jsonl, StageTimer
 from .babyai import (World, Goal, ACTIONS, achieved, reset_layout, restore_state, encode_state, state_text)
-from .abstract import abstract_text
+from .abstract import abstract_text, policy_state_text
+from .policy_prompt import (PolicyFormat, PAPER_FORMAT, POLICY_SYSTEM, policy_chat, format_answer, format_actions,
+                                 parse_actions, parse_action_prefix, plan_token_budget, save_format)
 from .label import load_labels, LabeledGoal, REWARD_KEYS
 from .offline_rl import empirical_mdp, greedy_actions, load_policies
 
 # %% auto #0
-__all__ = ['POLICY_SYSTEM', 'policy_chat', 'format_actions', 'parse_actions', 'parse_action_prefix', 'plan_token_budget', 'Plan',
-           'most_likely_next', 'rollout', 'replay', 'sft_examples', 'split_examples', 'heldout_examples']
-
-# %% ../nbs/06_sft_data.ipynb #32446597
-POLICY_SYSTEM = ("You control an agent in a grid world of rooms. Actions: 0 turn left, 1 turn right, 2 move forward, "
-                 "3 pick up, 4 drop, 5 toggle (open a door), 6 done. Given the state and a goal, answer with the list "
-                 "of actions that achieves the goal, for example [2, 2, 1, 3].")
-
-def policy_chat(goal_text:str, state_text:str)->list[dict]:
-    "System and user messages of the policy prompt."
-    return [{'role': 'system', 'content': POLICY_SYSTEM},
-            {'role': 'user', 'content': f"State:\n{state_text}\nGoal: {goal_text}"}]
-
-def format_actions(actions)->str: return '[' + ', '.join(str(int(a)) for a in actions) + ']'
-
-_ANSWER = re.compile(r'^\s*\[\s*(\d(?:\s*,\s*\d)*)?\s*\]')
-
-def parse_actions(text:str)->list[int]:
-    "The action list an answer starts with; ValueError for anything else (an invalid answer)."
-    m = _ANSWER.match(text)
-    if not m: raise ValueError(f"not an action list: {text[:60]!r}")
-    acts = [int(x) for x in re.findall(r'\d', m.group(1) or '')]
-    if not acts: raise ValueError("empty action list")
-    if any(a >= len(ACTIONS) for a in acts): raise ValueError(f"action outside 0..{len(ACTIONS) - 1}: {acts}")
-    return acts
-
-_ACTION_IDS = {str(a) for a in range(len(ACTIONS))}
-
-def parse_action_prefix(text:str)->list[int]:
-    "The actions an answer's list starts with, up to its first item that is not an action (a cut answer keeps its start); ValueError if none."
-    m = re.match(r'\s*\[', text)
-    if not m: raise ValueError(f"not an action list: {text[:60]!r}")
-    acts = []
-    for item in text[m.end():].split(']', 1)[0].split(','):
-        if item.strip() not in _ACTION_IDS: break
-        acts.append(int(item))
-    if not acts: raise ValueError(f"no action at the start of the list: {text[:60]!r}")
-    return acts
-
-def plan_token_budget(n_actions:int, # the longest plan an answer must hold (params sft_data.max_plan_len)
-                     )->int: # new tokens to generate
-    "New tokens that decode a plan of `n_actions`: one per character of `format_actions`, one for a leading space, one to end the turn."
-    return len(format_actions([0]*n_actions)) + 2
+__all__ = ['Plan', 'most_likely_next', 'rollout', 'replay', 'sft_examples', 'plan_key', 'split_examples', 'heldout_examples']
 
 # %% ../nbs/06_sft_data.ipynb #d478bf18
 @dataclass
@@ -106,7 +66,9 @@ def replay(world:World, layout_seed:int, start_state:np.ndarray, actions:list[in
 
 # %% ../nbs/06_sft_data.ipynb #d835c411
 def sft_examples(data, labeled:list[LabeledGoal], tables:list[np.ndarray], reward_key:str, world:World,
-                 max_plan_len:int, intermediate:bool, seed:int, replay_per_goal:int|None=None)->tuple[list[dict], dict]:
+                 max_plan_len:int, intermediate:bool, seed:int, replay_per_goal:int|None=None,
+                 fmt:PolicyFormat=PAPER_FORMAT, # the prompt and answer format (`sft_data.prompt`)
+                )->tuple[list[dict], dict]:
     "Chat examples and statistics (replay success in the true environment on up to `replay_per_goal` plans per goal)."
     first = np.flatnonzero(data.step == 0)  # the first transition of every episode
     env = world.make_env()
@@ -130,20 +92,25 @@ def sft_examples(data, labeled:list[LabeledGoal], tables:list[np.ndarray], rewar
             for i in (range(len(acts)) if intermediate else [0]):
                 if (k, states[i]) in seen: continue
                 seen.add((k, states[i]))
-                text = abstract_text(lg.states[states[i]], world.room_size) if lg.info.get('selection') is not None else state_text(lg.states[states[i]])
-                examples.append({'prompt': policy_chat(lg.goal.goal, text),
-                                 'completion': [{'role': 'assistant', 'content': format_actions(acts[i:])}],
+                text = policy_state_text(lg.states[states[i]], world.room_size, fmt.state, lg.info.get('selection') is not None)
+                examples.append({'prompt': policy_chat(lg.goal.goal, text, fmt),
+                                 'completion': [{'role': 'assistant', 'content': format_answer(acts[i:], fmt)}],
                                  'meta': {'goal': lg.goal.goal, 'instruction': lg.goal.instruction, 'goal_index': k,
-                                          'abstract_id': int(states[i]), 'plan': int(st), 'plan_len': len(acts) - i, 'from_start': i == 0,
+                                          'abstract_id': int(states[i]), 'plan': int(st), 'plan_len': len(acts) - i, 'actions': acts[i:], 'from_start': i == 0,
                                           'replay_success': end_ok}})
         stats['per_goal'].append({'instruction': lg.goal.instruction, 'start_states': int(len(starts)), 'plans': n_ok,
                                   'replayed': min(n_ok, replay_per_goal or n_ok), 'replay_success': n_rep})
     return examples, stats
 
+def plan_key(e:dict)->tuple[int, int]:
+    "(goal index, plan id) of an example: which plan it belongs to."
+    try: return int(e['meta']['goal_index']), int(e['meta']['plan'])
+    except (KeyError, TypeError) as err: raise ValueError(f"SFT example without meta.goal_index and meta.plan ({err!r}): {str(e)[:80]}") from None
+
 def _plans(examples:list[dict])->dict[tuple[int, int], list[int]]:
-    "(goal index, plan) -> indices of its examples (an example without a plan id is a plan of its own)."
+    "(goal index, plan) -> indices of its examples."
     out = {}
-    for i, e in enumerate(examples): out.setdefault((e['meta']['goal_index'], e['meta'].get('plan', -1 - i)), []).append(i)
+    for i, e in enumerate(examples): out.setdefault(plan_key(e), []).append(i)
     return out
 
 def split_examples(examples:list[dict], max_examples:int|None, validation:float, seed:int)->tuple[list[dict], list[dict]]:
@@ -171,7 +138,7 @@ def split_examples(examples:list[dict], max_examples:int|None, validation:float,
 def heldout_examples(examples:list[dict], used:list[dict], n:int, seed:int)->list[dict]:
     """Up to `n` examples of plans that `used` (the training and validation examples) never touch, one per plan, round
     robin over goals: a clean test of step 3 (its next-action accuracy) on plans the model never saw."""
-    seen = {(e['meta']['goal_index'], e['meta'].get('plan')) for e in used}
+    seen = {plan_key(e) for e in used}
     r = rng(seed, 'sft-heldout'); by_goal = {}
     for k, idx in sorted(_plans(examples).items()):
         if k not in seen: by_goal.setdefault(k[0], []).append(idx)

@@ -329,3 +329,49 @@ def test_random_agent_is_seeded():
     for x in (a, b, c): x.reset(5)
     ra, rb, rc = (x.act(s, ['g']*5, list(range(5)))[0] for x in (a, b, c))
     assert ra.tolist() == rb.tolist() and ra.tolist() != rc.tolist() and ((ra >= 0) & (ra < len(ACTIONS))).all()
+
+
+# ---------------------------------------------------------------- other policy formats (params sft_data.prompt)
+
+def test_an_agent_asks_and_acts_in_its_adapters_format():
+    "Words + next action: the prompt names actions as words, each answer gives one action, text after it is ignored."
+    from teduo.policy_prompt import PolicyFormat, policy_system
+    f = PolicyFormat('egocentric', 'words', 'next')
+    agent, be = scripted_agent({'g': ['move forward', 'turn left, then pick up', 'Pick up.', 'go somewhere', 'toggle']},
+                               replan_every=None, fmt=f, retries=0)
+    agent.reset(1)
+    acts, inv = _steps(agent, ['g'], 5)
+    assert acts[0] == [2, 0, 3, NOOP, 5] and inv[0] == [False, False, False, True, False] and agent.queries == 5
+    assert all(c[0]['content'] == policy_system(f) for o, cs in be.calls for c in cs)
+    paper, _ = scripted_agent({'g': 'move forward'}, replan_every=None, retries=0)  # the paper's format does not read words
+    paper.reset(1); assert _steps(paper, ['g'], 1)[1] == [[True]]
+
+
+def test_an_egocentric_agent_shows_the_egocentric_abstract_state():
+    from teduo.policy_prompt import PolicyFormat
+    from teduo.abstract import egocentric_text
+    s = start_states([3])[0]
+    sel = selections(['go to a key'])
+    agent = LLMAgent(None, sel, RS, fmt=PolicyFormat(state='egocentric'))
+    want = egocentric_text(abstract_states(s[None], sel['go to a key'], RS)[0], RS)
+    assert agent.chat(s, Goal.of('go to a key'))[1]['content'] == f"State:\n{want}\nGoal: go to a key"
+    ic = LLMAgent(None, sel, RS, prompt='in_context', state='abstract', fmt=PolicyFormat(state='egocentric'))
+    assert 'Agent: at (' in ic.chat(s, Goal.of('go to a key'))[-1]['content'], 'the untuned baselines keep the paper format'
+
+
+def test_an_episode_back_in_a_state_it_asked_in_is_sampled_not_frozen():
+    "Greedy in a repeated state would repeat the answer that led back there: that ask is sampled, seeded by episode and step."
+    fn = lambda c, t, s: '[2]' if t == 0 else '[1]'
+    agent, be = sampling_agent(fn, replan_every=None, loop_temperature=1.0)
+    agent.reset(2)
+    a1, _ = agent.act([S[0], S[1]], ['g', 'g'], [0, 1])
+    a2, _ = agent.act([S[0], S[2]], ['g', 'g'], [0, 1])  # episode 0 is back in its first state; episode 1 is somewhere new
+    assert a1.tolist() == [2, 2] and a2.tolist() == [1, 2] and agent.loop_asks == 1
+    assert agent.episode_counts()['loop_asks'].tolist() == [1, 0]
+    assert [t for t, _ in be.asked] == [0.0, 0.0, 0.0, 1.0]
+    again, be2 = sampling_agent(fn, replan_every=None, loop_temperature=1.0)
+    again.reset(2); again.act([S[0], S[1]], ['g', 'g'], [0, 1]); again.act([S[0], S[2]], ['g', 'g'], [0, 1])
+    assert be2.asked == be.asked, 'the same seeds in every run'
+    greedy, _ = sampling_agent(fn, replan_every=None)  # loop_temperature 0: greedy as before
+    greedy.reset(1); greedy.act([S[0]], ['g'], [0])
+    assert greedy.act([S[0]], ['g'], [0])[0].tolist() == [2] and greedy.loop_asks == 0

@@ -251,3 +251,31 @@ def test_dqn_and_filtered_bc_tables(run):
     assert len(tables) == 2 and info == {'algorithm': 'dqn'}
     with pytest.raises(ValueError, match='expected q_learning, dqn or filtered_bc'):
         solve_goals(run['labeled'][:1], data.actions, data.episode, 'sarsa', 'reward_oracle')
+
+
+@pytest.mark.parametrize('fmt', [('egocentric', 'words', 'next'), ('coords', 'words', 'plan'), ('egocentric', 'ids', 'plan')])
+def test_sft_examples_in_every_policy_format_answer_the_plan(run, fmt):
+    "Each format writes the same examples (same goals, states, plans); its answers parse back to the plan (next: its first action)."
+    from teduo.policy_prompt import PolicyFormat, parse_answer_prefix, policy_system
+    from teduo.abstract import egocentric_text
+    f = PolicyFormat(*fmt)
+    ex, _ = sft_examples(run['data'], run['labeled'], run['tables'], 'reward_oracle', WORLD, max_plan_len=16, intermediate=True,
+                         seed=0, replay_per_goal=3, fmt=f)
+    base = run['examples']
+    assert [e['meta'] for e in ex] == [e['meta'] for e in base]
+    for e, b in zip(ex, base):
+        acts = e['meta']['actions']
+        assert acts == parse_actions(b['completion'][0]['content']) and len(acts) == e['meta']['plan_len']
+        assert parse_answer_prefix(e['completion'][0]['content'], f) == (acts[:1] if f.answer == 'next' else acts)
+        assert e['prompt'][0]['content'] == policy_system(f)
+        if f.state == 'egocentric':
+            lg = run['labeled'][e['meta']['goal_index']]
+            assert e['prompt'][1]['content'] == f"State:\n{egocentric_text(lg.states[e['meta']['abstract_id']], WORLD.room_size)}\nGoal: {e['meta']['goal']}"
+            assert '(' not in e['prompt'][1]['content'].split('In front')[0].replace('(closed)', '').replace('(open)', '').replace('(locked)', '')
+
+
+def test_an_example_without_a_plan_id_is_refused_not_counted_apart(run):
+    from teduo.sft_data import heldout_examples
+    ex = [dict(e, meta={k: v for k, v in e['meta'].items() if k != 'plan'}) if i == 0 else e for i, e in enumerate(run['examples'])]
+    with pytest.raises(ValueError, match='meta.goal_index and meta.plan'): split_examples(ex, 40, 0.25, seed=0)
+    with pytest.raises(ValueError, match='meta.goal_index and meta.plan'): heldout_examples(run['examples'], ex[:1], 5, seed=0)
