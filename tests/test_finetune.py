@@ -188,5 +188,13 @@ def test_next_action_accuracy_scores_the_first_action_against_the_majority_basel
     assert (m['majority_action'], m['majority_correct'], m['majority_accuracy']) == (2, 2, 0.4)
     assert m['interval'][0] < 0.6 < m['interval'][1] and m['majority_interval'][0] < 0.4 < m['majority_interval'][1]
     assert next_action_accuracy(llm, [], train) == {'n': 0}
-    with pytest.raises(ValueError, match='held-out example 0: its answer is not an action list'):
+    with pytest.raises(ValueError, match='held-out example 0: its answer is not an answer of format'):
         next_action_accuracy(llm, [{**rows[0], 'completion': [{'role': 'assistant', 'content': 'no'}]}], train)
+    # the compact format: words, one action an answer; the model's answers are read the same way
+    from teduo.policy_prompt import PolicyFormat, format_answer, parse_answer_prefix
+    f = PolicyFormat('egocentric', 'words', 'next')
+    wrows = [{**r, 'completion': [{'role': 'assistant', 'content': format_answer(parse_answer_prefix(r['completion'][0]['content']), f)}]} for r in rows]
+    wsaid = {'g0': 'move forward', 'g1': 'pick up', 'g2': 'turn left, then more', 'g3': 'go forward', 'g4': 'toggle'}
+    wllm = LLM(LLMConfig('scripted'), None, backend=ScriptedBackend(lambda c: wsaid[c[-1]['content'].split(': ')[1]]))
+    w = next_action_accuracy(wllm, wrows, wrows[:1] * 3 + wrows[1:2], f)
+    assert (w['correct'], w['unparseable'], w['majority_action'], w['majority_correct']) == (3, 1, 2, 2)
