@@ -287,7 +287,7 @@ def test_evaluate_notebook_on_a_goal_file(nb_env, tmp_path):
     specs, skipped = make_episodes(WORLD, 'custom', goals, LAYOUTS, 2, seed=0)  # the notebook's defaults: seed 0, World()
     assert not skipped and len(ep) == len(specs) == 4
     assert ep.columns.tolist() == ['agent', 'quadrant', 'goal', 'instruction', 'category', 'layout_seed', 'episode_seed',
-                                   'bot_steps', 'success', 'gave_up', 'steps', 'unparseable_steps', 'no_effect_actions', 'answers', 'unparseable_answers', 'retries']
+                                   'bot_steps', 'success', 'gave_up', 'steps', 'unparseable_steps', 'no_effect_actions', 'answers', 'unparseable_answers', 'retries', 'loop_asks']
     assert (ep.agent == 'random').all() and (ep.quadrant == 'custom').all()
     assert ep.goal.tolist() == [s.goal.goal for s in specs] and ep.instruction.tolist() == [s.goal.instruction for s in specs]
     assert ep.layout_seed.tolist() == [s.layout_seed for s in specs] and ep.episode_seed.tolist() == [s.episode_seed for s in specs]
