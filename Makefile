@@ -30,7 +30,7 @@ export ONEDNN_MAX_CPU_ISA ?= AVX2
 # DVC stages call `papermill`, `python`: the venv comes first on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install data repro test sync-check nbtest pytest bench clean constraints
+.PHONY: install data repro compare test sync-check nbtest pytest bench clean constraints
 
 $(BIN)/.installed: settings.ini setup.py pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -48,6 +48,10 @@ data: install
 repro: data
 	@start=$$(date +%s); $(BIN)/dvc repro; echo "dvc repro: $$(( $$(date +%s) - start )) s wall time"
 	$(BIN)/python -m teduo.figures --readme README.md
+
+# After `make repro` (e.g. on a fresh clone): is every result byte-identical to the committed run's? (tools/compare_run.py)
+compare: install
+	$(BIN)/python tools/compare_run.py
 
 test: data sync-check nbtest pytest
 

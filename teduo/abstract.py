@@ -18,7 +18,7 @@ from .llm import LLM, LLMConfig, Unparseable, parse_json_answer, ParseError
 
 # %% auto #0
 __all__ = ['SELECTION_SCHEMA', 'HIDDEN', 'FLOOR', 'WALLC', 'OBSTACLE', 'DOORC', 'GOAL_OBJECT', 'GOAL_LOCATION', 'CATEGORY_NAMES',
-           'CARRIED_NAMES', 'KEY_', 'BALL_', 'BOX_', 'ABSTRACTION_SYSTEM', 'ABSTRACTION_EXAMPLES',
+           'CARRIED_NAMES', 'KEY_', 'BALL_', 'BOX_', 'DOOR_STATES', 'ABSTRACTION_SYSTEM', 'ABSTRACTION_EXAMPLES',
            'ABSTRACTION_SOURCES', 'ABSTRACTION_MODES', 'selection_schema', 'oracle_selection', 'canonical_selection',
            'abstract_len', 'abstract_states', 'abstract_text', 'egocentric_text', 'policy_state_text',
            'abstraction_chat', 'llm_selections', 'constrained_selections', 'make_abstractions', 'unique_rows',
@@ -120,11 +120,30 @@ def abstract_states(states:np.ndarray, # (N, L) full states (teduo.babyai layout
 KEY_, BALL_, BOX_ = TYPE_IDX['key'], TYPE_IDX['ball'], TYPE_IDX['box']
 
 # %% ../nbs/03_abstract.ipynb #3d523239
+DOOR_STATES = ('open', 'closed', 'locked')
+
+def _decode(a:np.ndarray, room_size:int):
+    "An abstract state's parts: width, height, categories and states per tile, agent x, y, direction, carried code."
+    W, H = int(a[0]), int(a[1]); code = a[2:-4].reshape(W, H)
+    return W, H, code // 3, code % 3, *(int(v) for v in a[-4:])
+
+def _is_door(c:int, x:int, y:int, room_size:int)->bool:
+    "Doors show their state; a goal on a wall line is a door (nothing else stands in a wall)."
+    s = room_size - 1
+    return c == DOORC or (c in (GOAL_OBJECT, GOAL_LOCATION) and (x % s == 0 or y % s == 0))
+
+def _front(cat, st, ax:int, ay:int, d:int, room_size:int)->tuple[str, int, int]:
+    "What is on the tile the agent faces ('empty floor', 'wall', 'the goal object (closed)', ...) and that tile."
+    W, H = cat.shape; fx, fy = ax + DIR_TO_VEC[d][0], ay + DIR_TO_VEC[d][1]
+    fc, fs = (int(cat[fx, fy]), int(st[fx, fy])) if 0 <= fx < W and 0 <= fy < H else (WALLC, 0)
+    name = {FLOOR: 'empty floor', WALLC: 'wall', HIDDEN: 'outside the view'}.get(fc, CATEGORY_NAMES[fc])
+    if _is_door(fc, fx, fy, room_size): name += f" ({DOOR_STATES[fs]})"
+    return (name if fc in (FLOOR, WALLC, HIDDEN) else 'the ' + name), fx, fy
+
 def abstract_text(a:np.ndarray, # (2 + W*H + 4,) abstract state
                   room_size:int)->str:
     "The paper-style text of an abstract state."
-    W, H = int(a[0]), int(a[1]); code = a[2:-4].reshape(W, H); cat, st = code // 3, code % 3
-    ax, ay, d, cc = (int(v) for v in a[-4:])
+    W, H, cat, st, ax, ay, d, cc = _decode(a, room_size)
     shown = cat != HIDDEN
     xs, ys = np.where(shown.any(1))[0], np.where(shown.any(0))[0]
     s = room_size - 1
@@ -132,21 +151,16 @@ def abstract_text(a:np.ndarray, # (2 + W*H + 4,) abstract state
              f" and y = {', '.join(str(y) for y in range(s, H - 1, s)) or 'none'}; doors are the only way through."]
     if (~shown).any(): lines.append(f"View: the agent's room only, tiles ({xs.min()},{ys.min()}) to ({xs.max()},{ys.max()}).")
     else: lines.append(f"View: the whole {W}x{H} grid, x grows east, y grows south.")
-    def door(c, x, y):  # doors show their state; a goal on a wall line is a door (nothing else stands in a wall)
-        return c == DOORC or (c in (GOAL_OBJECT, GOAL_LOCATION) and (x % s == 0 or y % s == 0))
     def tiles(c):
-        out = [f"({x},{y})" + (f" {['open', 'closed', 'locked'][st[x, y]]}" if door(c, x, y) else '')
+        out = [f"({x},{y})" + (f" {DOOR_STATES[st[x, y]]}" if _is_door(c, x, y, room_size) else '')
                for y in range(H) for x in range(W) if cat[x, y] == c]
         return ', '.join(out) if out else 'none'
     for c, name in ((GOAL_OBJECT, 'Goal object'), (GOAL_LOCATION, 'Goal location'), (OBSTACLE, 'Obstacles'), (DOORC, 'Doors')):
         lines.append(f"{name}: {tiles(c)}.")
     lines.append(f"Inventory: {CARRIED_NAMES[cc]}.")
     lines.append(f"Agent: at ({ax},{ay}), facing {DIRECTIONS[d]}.")
-    fx, fy = ax + DIR_TO_VEC[d][0], ay + DIR_TO_VEC[d][1]
-    fc, fs = (int(cat[fx, fy]), int(st[fx, fy])) if 0 <= fx < W and 0 <= fy < H else (WALLC, 0)
-    name = {FLOOR: 'empty floor', WALLC: 'wall', HIDDEN: 'outside the view'}.get(fc, CATEGORY_NAMES[fc])
-    if door(fc, fx, fy): name += f" ({['open', 'closed', 'locked'][fs]})"
-    lines.append(f"In front of the agent: {name if fc in (FLOOR, WALLC, HIDDEN) else 'the ' + name} at ({fx},{fy}).")
+    front, fx, fy = _front(cat, st, ax, ay, d, room_size)
+    lines.append(f"In front of the agent: {front} at ({fx},{fy}).")
     return '\n'.join(lines)
 
 # %% ../nbs/03_abstract.ipynb #bb57f89b
@@ -167,14 +181,12 @@ def egocentric_text(a:np.ndarray, # (2 + W*H + 4,) abstract state
     its steps forward/behind and left/right of the agent (nearest first), the distance to the wall or door straight
     ahead, behind, left and right, the inventory and what is in front. No coordinates: the same situation reads the
     same in every layout."""
-    W, H = int(a[0]), int(a[1]); code = a[2:-4].reshape(W, H); cat, st = code // 3, code % 3
-    ax, ay, d, cc = (int(v) for v in a[-4:])
-    s = room_size - 1
-    def door(c, x, y): return c == DOORC or (c in (GOAL_OBJECT, GOAL_LOCATION) and (x % s == 0 or y % s == 0))
+    W, H, cat, st, ax, ay, d, cc = _decode(a, room_size)
+    door = lambda c, x, y: _is_door(c, x, y, room_size)
     def things(c):
         xs, ys = np.nonzero(cat == c)
         rel = sorted((abs(f) + abs(r), -f, r, x, y) for x, y in zip(xs.tolist(), ys.tolist()) for f, r in [_rel(x - ax, y - ay, d)])
-        out = [_where(-nf, r) + (f" ({['open', 'closed', 'locked'][st[x, y]]})" if door(c, x, y) else '') for _, nf, r, x, y in rel]
+        out = [_where(-nf, r) + (f" ({DOOR_STATES[st[x, y]]})" if door(c, x, y) else '') for _, nf, r, x, y in rel]
         return '; '.join(out) if out else 'none'
     shown = cat != HIDDEN
     lines = [f"View: {'this room' if (~shown).any() else 'all rooms'}."]
@@ -189,11 +201,7 @@ def egocentric_text(a:np.ndarray, # (2 + W*H + 4,) abstract state
         walls.append(f"{n} {name}")
     lines.append(f"Walls: {', '.join(walls)}.")
     lines.append(f"Carrying: {CARRIED_NAMES[cc]}.")
-    fx, fy = ax + DIR_TO_VEC[d][0], ay + DIR_TO_VEC[d][1]
-    fc, fs = (int(cat[fx, fy]), int(st[fx, fy])) if 0 <= fx < W and 0 <= fy < H else (WALLC, 0)
-    name = {FLOOR: 'empty floor', WALLC: 'wall', HIDDEN: 'outside the view'}.get(fc, CATEGORY_NAMES[fc])
-    if door(fc, fx, fy): name += f" ({['open', 'closed', 'locked'][fs]})"
-    lines.append(f"In front: {name if fc in (FLOOR, WALLC, HIDDEN) else 'the ' + name}.")
+    lines.append(f"In front: {_front(cat, st, ax, ay, d, room_size)[0]}.")
     return '\n'.join(lines)
 
 def policy_state_text(a:np.ndarray, # an abstract state, or a full state when the goal has no abstraction

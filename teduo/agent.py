@@ -10,16 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import rng, stable_seed
+from .core import rng, stable_seed, or_list
 from .babyai import Goal, ACTIONS, state_text, EXAMPLE_LAYOUT
 from .abstract import abstract_states, abstract_text
 from .llm import LLM, LLMConfig
 from .abstract import policy_state_text
-from .policy_prompt import PAPER_FORMAT, PolicyFormat, POLICY_SYSTEM, policy_chat, parse_action_prefix, parse_answer_prefix, format_actions
+from .policy_prompt import ACTION_WORDS, PAPER_FORMAT, PolicyFormat, POLICY_SYSTEM, policy_chat, parse_action_prefix, parse_answer_prefix, format_actions
 
 # %% auto #0
-__all__ = ['NOOP', 'IN_CONTEXT_EXAMPLES', 'Agent', 'RandomAgent', 'TabularAgent', 'raw_in_context_examples', 'in_context_chat',
-           'parse_answer', 'episode_key', 'LLMAgent', 'bot_actions', 'BotAgent', 'GoalShuffled']
+__all__ = ['NOOP', 'IN_CONTEXT_EXAMPLES', 'LOOP_RULES', 'Agent', 'RandomAgent', 'TabularAgent', 'raw_in_context_examples',
+           'in_context_chat', 'parse_answer', 'episode_key', 'LLMAgent', 'bot_actions', 'BotAgent', 'GoalShuffled']
 
 # %% ../nbs/08_agent.ipynb #b7bb421c
 NOOP = ACTIONS.index('done')
@@ -134,6 +134,8 @@ def episode_key(goal:Goal, start:np.ndarray)->str:
     "Who an episode is, whatever its place in a batch: its goal text and start state."
     return f"{goal.goal}|{start.tobytes().hex()}"
 
+LOOP_RULES = ('repeat', 'sample', 'untried')
+
 class LLMAgent(Agent):
     "An LLM policy: prompts from states and goals, batched generation, unparseable answers re-asked with sampling and counted."
     def __init__(self, llm:LLM, selections:dict, room_size:int, prompt:str='teduo', cot:bool=False,
@@ -144,11 +146,18 @@ class LLMAgent(Agent):
                  state:str='abstract', # 'abstract': the goal's abstract state when known; 'raw': the full state text (paper's untuned baselines)
                  examples:list|None=None, # in_context worked examples (default `IN_CONTEXT_EXAMPLES`, abstract states)
                  fmt:PolicyFormat=PAPER_FORMAT, # the 'teduo' prompt's format: how its adapter was tuned (`teduo.policy_prompt.load_format`)
-                 loop_temperature:float=0.0, # an ask in a state the episode has already been in is sampled at this temperature (0: greedy as always)
+                 loop:str='repeat', # an ask in a state the episode has acted in before: 'repeat' (greedy: the answer that led back there),
+                                    # 'sample' (at `loop_temperature`, seeded by episode and step), 'untried' (the most likely
+                                    # action, scored over all actions, that the episode has not yet taken in that state)
+                 loop_temperature:float=1.0, # the sampling temperature of loop 'sample'
                 ):
         if prompt not in ('teduo', 'in_context'): raise ValueError(f"prompt {prompt!r}: expected teduo or in_context")
         if state not in ('abstract', 'raw'): raise ValueError(f"state {state!r}: expected abstract or raw")
-        self.state, self.examples, self.fmt = state, examples, PolicyFormat.of(fmt)
+        if loop not in LOOP_RULES: raise ValueError(f"loop {loop!r}: expected {or_list(LOOP_RULES)}")
+        if loop == 'sample' and not loop_temperature > 0: raise ValueError(f"loop 'sample' needs loop_temperature > 0, got {loop_temperature}")
+        if loop == 'untried' and cot: raise ValueError("loop 'untried' scores the actions as the answer's first words; a chain-of-thought "
+                                                       "answer starts with its reasoning: use loop 'sample' or 'repeat' with cot")
+        self.state, self.examples, self.fmt, self.loop = state, examples, PolicyFormat.of(fmt), loop
         self.llm, self.sel, self.room_size, self.prompt, self.cot = llm, selections, room_size, prompt, cot
         self.replan_every, self.max_new_tokens, self.temperature, self.seed = replan_every, max_new_tokens, temperature, seed
         self.retries, self.retry_temperature, self.loop_temperature = retries, retry_temperature, loop_temperature
@@ -157,8 +166,8 @@ class LLMAgent(Agent):
         self.n, self.queue, self.left = n, [[] for _ in range(n)], [0]*n
         self.queries, self.invalid_answers, self.reasks, self.unanswered = 0, 0, 0, 0  # totals: asks, unparseable answers, re-asks, asks left without a plan
         self.t, self.key = np.zeros(n, int), [None]*n  # steps taken and who each episode is (seeds its re-asks)
-        self.seen = [set() for _ in range(n)]  # states each episode has asked in: a greedy ask there again would repeat its answer
-        self.loop_asks = 0  # asks sampled because the state repeated
+        self.tried = [{} for _ in range(n)]  # per episode: state bytes -> the actions it took there (a greedy ask there again repeats its answer)
+        self.loop_asks = 0  # asks answered by the loop rule because the state repeated
         self.counts = {k: np.zeros(n, int) for k in ('answers', 'unparseable_answers', 'retries', 'loop_asks')}
     def episode_counts(self): return {k: v.copy() for k, v in self.counts.items()}
     def describe(self, s:np.ndarray, goal:Goal)->str:
@@ -175,25 +184,37 @@ class LLMAgent(Agent):
         self.counts['answers'][e] += 1
         try: return parse_answer_prefix(text, self.fmt) if self.prompt == 'teduo' else parse_answer(text, self.cot)
         except ValueError: self.counts['unparseable_answers'][e] += 1; self.invalid_answers += 1; return []
-    def plans(self, chats:list[list[dict]], eps:list[int], looping:list[bool]|None=None)->list[list[int]]:
+    def first_words(self)->list[str]:
+        "How an answer that starts with each action begins (scored by loop 'untried'): `[2` or `move forward`."
+        words = self.prompt == 'teduo' and self.fmt.actions == 'words'
+        return [ACTION_WORDS[a] if words else f"[{a}" for a in range(len(ACTION_WORDS))]
+    def plans(self, chats:list[list[dict]], eps:list[int], looping:list[set|None]|None=None)->list[list[int]]:
         """A plan per chat of episodes `eps`: one batched answer, each unparseable one re-asked (sampled, seeded by episode,
-        step and attempt). A chat whose episode is `looping` (back in a state it asked in before) is sampled at
-        `loop_temperature`, seeded by episode and step: greedy decoding would give the answer that led back here."""
+        step and attempt). A chat whose episode is `looping` (back in a state it acted in before: the set of actions it
+        took there) is answered by the loop rule, since greedy decoding would give the answer that led back here: 'sample'
+        at `loop_temperature`, seeded by episode and step; 'untried' the best-scored action not in that set (all tried:
+        the best)."""
         # decoding ends once the list is closed or can never parse: the same plans, fewer tokens (action words end at the turn's end)
         stop = None if self.cot or (self.prompt == 'teduo' and self.fmt.actions == 'words') else 'action_list'
-        loop = [j for j in range(len(chats)) if looping and looping[j] and self.loop_temperature > 0]
-        greedy = [j for j in range(len(chats)) if j not in set(loop)]
-        answers = [None]*len(chats)
+        loop = [j for j in range(len(chats)) if looping and looping[j] is not None and self.loop != 'repeat']
+        in_loop = set(loop); greedy = [j for j in range(len(chats)) if j not in in_loop]
+        answers, out = [None]*len(chats), [None]*len(chats)
         if greedy:
             for j, a in zip(greedy, self.llm.generate([chats[j] for j in greedy], max_new_tokens=self.max_new_tokens,
                                                       temperature=self.temperature, seed=self.seed, stop=stop)): answers[j] = a
-        if loop:
+        if loop and self.loop == 'untried':  # scores are cached per chat: a state seen again costs nothing
+            scores = self.llm.score([chats[j] for j in loop], self.first_words())
+            for j, sc in zip(loop, scores):
+                order = [int(a) for a in np.argsort(-sc, kind='stable')]
+                out[j] = [next((a for a in order if a not in looping[j]), order[0])]
+                self.counts['loop_asks'][eps[j]] += 1; self.loop_asks += 1
+        elif loop:
             seeds = [stable_seed(self.seed, 'llm-agent-loop', self.key[eps[j]], int(self.t[eps[j]])) for j in loop]
             for j, a in zip(loop, self.llm.generate([chats[j] for j in loop], max_new_tokens=self.max_new_tokens,
                                                     temperature=self.loop_temperature, seed=seeds, stop=stop)):
                 answers[j] = a; self.counts['loop_asks'][eps[j]] += 1; self.loop_asks += 1
         self.queries += len(chats)
-        out = [self._parse(text, e) for text, e in zip(answers, eps)]
+        out = [o if o is not None else self._parse(text, e) for o, text, e in zip(out, answers, eps)]
         tries = self.retries if self.retry_temperature > 0 else 0
         for attempt in range(1, tries + 1):  # the unparseable answers of all episodes, re-asked in one batched call
             todo = [j for j in range(len(chats)) if not out[j]]
@@ -212,10 +233,9 @@ class LLMAgent(Agent):
         for s, g, e in zip(states, goals, idx):
             if self.key[e] is None: self.key[e] = episode_key(g, s)
         need = [j for j, e in enumerate(idx) if not self.queue[e] or self.left[e] <= 0]
+        here = [np.asarray(s).tobytes() for s in states]
         if need:
-            looping = []
-            for j in need:  # has this episode asked in this very state before?
-                h = np.asarray(states[j]).tobytes(); looping.append(h in self.seen[idx[j]]); self.seen[idx[j]].add(h)
+            looping = [self.tried[idx[j]].get(here[j]) for j in need]  # has this episode acted in this very state before?
             for j, plan in zip(need, self.plans([self.chat(states[j], goals[j]) for j in need], [idx[j] for j in need], looping)):
                 e = idx[j]
                 self.queue[e] = plan
@@ -225,6 +245,7 @@ class LLMAgent(Agent):
             if self.queue[e]: acts[j] = self.queue[e].pop(0); self.left[e] -= 1
             else: acts[j], invalid[j], self.left[e] = NOOP, True, 0
             if self.left[e] <= 0: self.queue[e] = []
+            self.tried[e].setdefault(here[j], set()).add(int(acts[j]))
             self.t[e] += 1
         return acts, invalid
 

@@ -23,6 +23,7 @@ from .collect import start_episode
 from .agent import Agent, RandomAgent, TabularAgent, LLMAgent, BotAgent, GoalShuffled, NOOP
 from .llm import LLM, LLMConfig
 from .sft_data import plan_token_budget
+from .policy_prompt import PAPER_FORMAT, PolicyFormat, answer_token_budget
 
 # %% auto #0
 __all__ = ['AGENTS', 'LLM_AGENTS', 'AGENT_POLICIES', 'EpisodeSpec', 'unique_goals', 'load_goals', 'bot_path', 'make_episodes',
@@ -195,9 +196,12 @@ def check_policies(policies:str|Path, # a policies file of the offline_rl stage
 
 def answer_budget(max_new_tokens:int|str, # params evaluate.max_new_tokens: a number of tokens, or 'auto'
                   max_plan_len:int, # params sft_data.max_plan_len: the longest plan the SFT data holds
+                  fmt:PolicyFormat=PAPER_FORMAT, # how the agent answers (an adapter's `teduo.policy_prompt.load_format`)
                  )->int: # new tokens an LLM agent may generate per answer
-    "'auto': what decodes the longest plan of the SFT data (`teduo.sft_data.plan_token_budget`); a number as given."
-    if max_new_tokens == 'auto': return plan_token_budget(check_positive(max_plan_len, 'params.yaml:sft_data.max_plan_len'))
+    "'auto': what decodes the longest answer of `fmt` (`teduo.policy_prompt.answer_token_budget`: a whole SFT plan, or one action); a number as given."
+    if max_new_tokens == 'auto':
+        n = check_positive(max_plan_len, 'params.yaml:sft_data.max_plan_len')
+        return answer_token_budget(1 if fmt.answer == 'next' else n, fmt)
     return check_positive(max_new_tokens, 'params.yaml:evaluate.max_new_tokens')
 
 AGENTS = ('random', 'bot', 'teduo', 'teduo_oracle', 'llm_zero_shot', 'llm_in_context', 'tabular', 'tabular_oracle', 'dqn', 'gcbc', 'il',
@@ -227,10 +231,10 @@ def build_agent(name:str, base:dict, world:World, inputs:dict, ev:dict, selectio
             if key not in inputs: raise ValueError(f"agent {name!r}: params evaluate.inputs.{key} missing, expected its adapter folder")
             if why := adapter_status(inputs[key]): raise NotRun(why)
             cfg['adapter'] = str(inputs[key])
-            from teduo.policy_prompt import load_format, answer_token_budget
+            from teduo.policy_prompt import load_format
             fmt = load_format(resolve(inputs[key]))  # the agent asks the way its adapter was tuned
             if ev.get('max_plan_len'):  # max_new_tokens 'auto': what decodes the longest answer of that format
-                budget = answer_token_budget(1 if fmt.answer == 'next' else ev['max_plan_len'], fmt)
+                budget = answer_budget('auto', ev['max_plan_len'], fmt)
         llm = LLM(LLMConfig.from_params(cfg, 'params.yaml:base.llm.policy'), cache)
         cot = ev.get('cot', False) and name == 'llm_in_context'
         state = 'abstract' if name.startswith('teduo') else ev.get('baseline_state', 'raw')  # TEDUO acts on what it was tuned on
@@ -242,7 +246,7 @@ def build_agent(name:str, base:dict, world:World, inputs:dict, ev:dict, selectio
                         examples=examples, fmt=fmt,
                         cot=cot, replan_every=ev.get('replan_every', 1), max_new_tokens=budget * (4 if cot else 1),
                         temperature=ev.get('temperature', 0.0), retries=ev.get('retries', 2),
-                        retry_temperature=ev.get('retry_temperature', 0.7), loop_temperature=ev.get('loop_temperature', 0.0),
+                        retry_temperature=ev.get('retry_temperature', 0.7), loop=ev.get('loop', 'repeat'), loop_temperature=ev.get('loop_temperature', 1.0),
                         seed=seed, name=name)
     if name in AGENT_POLICIES:
         from teduo.offline_rl import load_policies

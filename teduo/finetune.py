@@ -12,7 +12,7 @@ from fastcore.script import call_parse
 
 from .core import atomic_path, check_keys, load_params, read_json, resolve, seed_everything, write_json, StageTimer
 from .llm import LLMConfig, load_hf, model_fingerprint
-from .policy_prompt import PAPER_FORMAT, PolicyFormat, answer_token_budget, load_format, parse_answer_prefix, save_format
+from .policy_prompt import FORMAT_FILE, PAPER_FORMAT, PolicyFormat, answer_token_budget, load_format, parse_answer_prefix, save_format
 
 # %% auto #0
 __all__ = ['FINETUNE_KEYS', 'answer_loss', 'answer_loss_trainer', 'file_hash', 'sort_adapter_config', 'NoTrainingData',
@@ -134,8 +134,10 @@ def finetune_lora(train_path:str|Path, # prompt-completion JSONL
                             + [{'step': h['step'], 'loss': h['eval_loss']} for h in hist if 'eval_loss' in h]}
     best = min((c['loss'] for c in curves['validation']), default=None)
     n_tokens = int(sum(len(tok.apply_chat_template(r['prompt'] + r['completion'], tokenize=True, return_dict=False)) for r in ds['train']))
-    fmt = load_format(Path(resolve(train_path)).parent)  # how the data asks and answers: the evaluation asks the adapter the same way
-    summary = {'trained': True, 'base_model': base.model, 'prompt': fmt.to_dict(), 'base_fingerprint': model_fingerprint(base), 'params': {k: cfg[k] for k in FINETUNE_KEYS},
+    data_dir = Path(resolve(train_path)).parent  # BabyAI's SFT data names its policy format; WebShop's has its own prompt
+    fmt = load_format(data_dir) if (data_dir/FORMAT_FILE).exists() else None  # the evaluation asks the adapter the same way
+    summary = {'trained': True, 'base_model': base.model, **({'prompt': fmt.to_dict()} if fmt else {}),
+               'base_fingerprint': model_fingerprint(base), 'params': {k: cfg[k] for k in FINETUNE_KEYS},
                'seed': seed, 'data_sha256': file_hash(*[p for p in (train_path, val_path) if p]),
                'train_examples': len(ds['train']), 'validation_examples': len(ds['validation']) if has_val else 0,
                'steps': trainer.state.global_step, 'epochs': round(float(trainer.state.epoch or 0), 3),
@@ -144,7 +146,8 @@ def finetune_lora(train_path:str|Path, # prompt-completion JSONL
                'train_runtime_s': round(res.metrics.get('train_runtime', 0.0), 2),
                'train_tokens_per_s': round(n_tokens * float(trainer.state.epoch or 0) / max(res.metrics.get('train_runtime', 1e-9), 1e-9), 1)}
     with atomic_path(resolve(out_dir)) as tmp:
-        trainer.model.save_pretrained(tmp); tok.save_pretrained(tmp); sort_adapter_config(Path(tmp), base.model); save_format(tmp, fmt)
+        trainer.model.save_pretrained(tmp); tok.save_pretrained(tmp); sort_adapter_config(Path(tmp), base.model)
+        if fmt: save_format(tmp, fmt)
         write_json({k: v for k, v in summary.items() if k not in ('train_runtime_s', 'train_tokens_per_s')}, Path(tmp)/'teduo_meta.json')
     if curves_path: write_json(curves, resolve(curves_path))
     shutil.rmtree(work, ignore_errors=True)

@@ -196,6 +196,7 @@ BABYAI_SECTIONS = {
                       'intermediate': Bool(), 'max_examples': Opt(Int(1)), 'validation': Num(0, 1, open_hi=True),
                       **paths('out_dir', 'metrics', 'timing')},
                      {'heldout_examples': Int(0), # examples of unused plans: step 3's held-out next-action accuracy
+                      'states_per_plan': Opt(Int(1)), # states kept per plan (null: all)
                       'prompt': Keys({}, {'state': Choice(STATE_FORMATS), 'actions': Choice(ACTION_FORMATS), 'answer': Choice(ANSWER_FORMATS)}),
                       'oracle_control': Keys({'policy': Text('a step-2 policy, <algorithm>_<labels>'), **paths('out_dir', 'metrics', 'timing')})}),
     'finetune': Keys({**FINETUNE_TRAIN, **paths('out_dir', 'curves', 'metrics', 'timing')},
@@ -208,7 +209,7 @@ BABYAI_SECTIONS = {
                       'max_steps': Int(1), **paths('cache', 'out_dir', 'metrics', 'timing')},
                      {'episodes_per_cell': Opt(Int(1)), 'llm_episodes_per_cell': Opt(Int(1)), 'min_bot_steps': Int(0),
                       'give_up_after': Opt(Int(1)), 'replan_every': Opt(Int(1)), 'max_new_tokens': Either((Choice(('auto',)), Int(1))), # auto: sized from sft_data.max_plan_len
-                      'temperature': Num(0), 'retries': Int(0), 'retry_temperature': Num(0), 'loop_temperature': Num(0), 'cot': Bool(),
+                      'temperature': Num(0), 'retries': Int(0), 'retry_temperature': Num(0), 'loop': Choice(('repeat', 'sample', 'untried')), 'loop_temperature': POSITIVE, 'cot': Bool(),
                       'baseline_state': Choice(('raw', 'abstract')),
                       'inputs': Keys({}, paths('train_goals', 'test_goals', 'abstractions', 'labels', 'policies', 'adapter', 'adapter_oracle', 'baselines'))}),
     'figures': Keys({**paths('eval_dir', 'metrics_dir', 'out_dir', 'timing_out'), 'frames_per_strip': Int(1)},

@@ -113,8 +113,10 @@ def _plans(examples:list[dict])->dict[tuple[int, int], list[int]]:
     for i, e in enumerate(examples): out.setdefault(plan_key(e), []).append(i)
     return out
 
-def split_examples(examples:list[dict], max_examples:int|None, validation:float, seed:int)->tuple[list[dict], list[dict]]:
-    """Subsample (seeded, a whole plan at a time, round robin over goals) to `max_examples`, then hold out whole plans
+def split_examples(examples:list[dict], max_examples:int|None, validation:float, seed:int,
+                   states_per_plan:int|None=None, # keep this many of each plan's states (seeded; null: all): more plans in the same budget
+                  )->tuple[list[dict], list[dict]]:
+    """Subsample (seeded, a plan at a time, round robin over goals) to `max_examples`, then hold out whole plans
     as `validation` (about that share of the examples): no plan has states on both sides, so the validation loss
     measures what the model learned about unseen plans, not about the other half of a plan it saw."""
     r = rng(seed, 'sft-split')
@@ -125,7 +127,10 @@ def split_examples(examples:list[dict], max_examples:int|None, validation:float,
     while any(depth < len(v) for v in by_goal.values()) and (not max_examples or n < max_examples):
         for g, v in sorted(by_goal.items()):
             if depth < len(v) and (not max_examples or n < max_examples):
-                idx = plans[v[depth]][:max_examples - n] if max_examples else plans[v[depth]]
+                idx = plans[v[depth]]
+                if states_per_plan and len(idx) > states_per_plan:  # states along the plan, kept in plan order
+                    idx = sorted(int(i) for i in r.choice(idx, states_per_plan, replace=False))
+                idx = idx[:max_examples - n] if max_examples else idx
                 chosen.append(idx); n += len(idx)
         depth += 1
     n_val, val = int(round(validation * n)), set()

@@ -6,7 +6,7 @@ import pytest
 
 from teduo.babyai import World, Goal, ACTIONS, reset_layout, encode_state, state_text
 from teduo.abstract import make_abstractions, abstract_states, abstract_text
-from teduo.sft_data import POLICY_SYSTEM, policy_chat, format_actions, parse_actions, parse_action_prefix, plan_token_budget
+from teduo.policy_prompt import POLICY_SYSTEM, policy_chat, format_actions, parse_actions, parse_action_prefix, plan_token_budget
 from teduo.agent import NOOP, RandomAgent, TabularAgent, LLMAgent, parse_answer, in_context_chat, IN_CONTEXT_EXAMPLES
 from teduo.evaluate import make_episodes, run_episodes, answer_budget
 from teduo.llm import LLM, LLMConfig
@@ -362,16 +362,46 @@ def test_an_egocentric_agent_shows_the_egocentric_abstract_state():
 def test_an_episode_back_in_a_state_it_asked_in_is_sampled_not_frozen():
     "Greedy in a repeated state would repeat the answer that led back there: that ask is sampled, seeded by episode and step."
     fn = lambda c, t, s: '[2]' if t == 0 else '[1]'
-    agent, be = sampling_agent(fn, replan_every=None, loop_temperature=1.0)
+    agent, be = sampling_agent(fn, replan_every=None, loop='sample', loop_temperature=1.0)
     agent.reset(2)
     a1, _ = agent.act([S[0], S[1]], ['g', 'g'], [0, 1])
     a2, _ = agent.act([S[0], S[2]], ['g', 'g'], [0, 1])  # episode 0 is back in its first state; episode 1 is somewhere new
     assert a1.tolist() == [2, 2] and a2.tolist() == [1, 2] and agent.loop_asks == 1
     assert agent.episode_counts()['loop_asks'].tolist() == [1, 0]
     assert [t for t, _ in be.asked] == [0.0, 0.0, 0.0, 1.0]
-    again, be2 = sampling_agent(fn, replan_every=None, loop_temperature=1.0)
+    again, be2 = sampling_agent(fn, replan_every=None, loop='sample', loop_temperature=1.0)
     again.reset(2); again.act([S[0], S[1]], ['g', 'g'], [0, 1]); again.act([S[0], S[2]], ['g', 'g'], [0, 1])
     assert be2.asked == be.asked, 'the same seeds in every run'
-    greedy, _ = sampling_agent(fn, replan_every=None)  # loop_temperature 0: greedy as before
+    greedy, _ = sampling_agent(fn, replan_every=None)  # loop 'repeat': greedy as before
     greedy.reset(1); greedy.act([S[0]], ['g'], [0])
     assert greedy.act([S[0]], ['g'], [0])[0].tolist() == [2] and greedy.loop_asks == 0
+
+
+class Scoring(Sampling):
+    "Sampling, plus `score`: the log-probs of each choice are fixed by `prefs` (choice -> log-prob); it records the choices."
+    def __init__(self, fn, prefs):
+        super().__init__(fn); self.prefs, self.scored = prefs, []
+    def score(self, chats, choices, progress=False):
+        self.scored.append(list(choices))
+        return np.array([[self.prefs.get(c, -50.0) for c in choices] for _ in chats]), [10]*len(chats)
+
+
+def test_loop_untried_takes_the_best_action_not_yet_taken_in_a_repeated_state():
+    "Back in a state it acted in, the agent takes the best-scored action it has not tried there; all tried: the best one."
+    from teduo.policy_prompt import PolicyFormat
+    f = PolicyFormat('coords', 'words', 'next')
+    be = Scoring(lambda c, t, s: 'turn left', {'turn left': -0.1, 'move forward': -1.0, 'toggle': -2.0})
+    agent = LLMAgent(LLM(LLMConfig('scripted'), None, backend=be), {}, RS, replan_every=None, fmt=f, loop='untried')
+    agent.reset(2)
+    steps = [agent.act([S[0], S[1]], ['g', 'g'], [0, 1])[0].tolist() for _ in range(3)]
+    # episode 0 stays in S[0] (the test does not move it): turn left (greedy), then the untried best: forward, toggle
+    assert [a[0] for a in steps] == [0, 2, 5] and agent.loop_asks == 4 and agent.counts['loop_asks'].tolist() == [2, 2]
+    assert be.scored[0] == ['turn left', 'turn right', 'move forward', 'pick up', 'drop', 'toggle', 'done']
+    assert [t for t, _ in be.asked] == [0.0, 0.0], 'a repeated state is scored, not generated again'
+    for _ in range(5): last = agent.act([S[0]], ['g'], [0])[0].tolist()
+    assert last == [0], 'every action tried there: the best-scored one again'
+    paper = LLMAgent(LLM(LLMConfig('scripted'), None, backend=be), {}, RS, loop='untried')
+    assert paper.first_words()[2] == '[2', "the paper's format: an answer starts with its list"
+    with pytest.raises(ValueError, match="loop 'sample' needs loop_temperature"): LLMAgent(None, {}, RS, loop='sample', loop_temperature=0)
+    with pytest.raises(ValueError, match='chain-of-thought'): LLMAgent(None, {}, RS, prompt='in_context', cot=True, loop='untried')
+    with pytest.raises(ValueError, match="loop 'again': expected"): LLMAgent(None, {}, RS, loop='again')

@@ -507,7 +507,7 @@ def test_per_chat_seeds_make_a_sampled_answer_independent_of_its_batch(tiny_llam
 def test_action_list_stop_rule_keeps_every_parse():
     "Ending an answer once `action_list_settled` holds never changes what `parse_action_prefix` reads from it."
     from teduo.llm import action_list_settled, settle
-    from teduo.sft_data import parse_action_prefix
+    from teduo.policy_prompt import parse_action_prefix
     def parse(t):
         try: return parse_action_prefix(t)
         except ValueError: return None

@@ -12,8 +12,8 @@ from teduo.abstract import make_abstractions
 from teduo.label import hindsight_labels, save_labels, load_labels
 from teduo.offline_rl import (empirical_mdp, stack_mdps, q_learning, q_learning_reference, greedy_actions, dqn,
                               filtered_bc, save_policies, load_policies, solve_goals, policy_report)
-from teduo.sft_data import (rollout, most_likely_next, sft_examples, split_examples, parse_actions, format_actions,
-                            POLICY_SYSTEM)
+from teduo.sft_data import rollout, most_likely_next, sft_examples, split_examples
+from teduo.policy_prompt import parse_actions, format_actions, POLICY_SYSTEM
 
 G = 0.7
 NA = len(ACTIONS)
@@ -212,6 +212,26 @@ def test_split_keeps_each_plan_on_one_side_and_heldout_plans_are_unused(run):
         assert heldout_examples(ex, train + val, 3, seed=0) == heldout_examples(ex, train + val, 3, seed=0)
         assert len(heldout_examples(ex, train + val, 3, seed=0)) == min(3, len(held))
     assert heldout_examples(ex, ex, 5, seed=0) == []  # every plan used: nothing to hold out
+
+
+def test_states_per_plan_spreads_the_budget_over_more_plans(run):
+    "states_per_plan k keeps k seeded states of each plan (in plan order): the same budget covers more plans, still split by plan."
+    ex = run['examples']
+    plan = lambda e: (e['meta']['goal_index'], e['meta']['plan'])
+    sizes = {}
+    for e in ex: sizes[plan(e)] = sizes.get(plan(e), 0) + 1
+    assert max(sizes.values()) > 2, 'the fixture needs plans longer than 2 states'
+    all_t, all_v = split_examples(ex, 30, 0.2, seed=0)
+    t, v = split_examples(ex, 30, 0.2, seed=0, states_per_plan=2)
+    assert len(t) + len(v) == 30 and not {plan(e) for e in t} & {plan(e) for e in v}
+    per = {}
+    for e in t + v: per.setdefault(plan(e), []).append(e)
+    assert max(map(len, per.values())) <= 2 and len(per) > len({plan(e) for e in all_t + all_v})
+    for k, es in per.items():  # the kept states of a plan are its states, in plan order
+        mine = [e for e in ex if plan(e) == k]
+        assert [mine.index(e) for e in es] == sorted(mine.index(e) for e in es)
+    assert split_examples(ex, 30, 0.2, seed=0, states_per_plan=2) == (t, v), 'seeded'
+    assert split_examples(ex, 30, 0.2, seed=0, states_per_plan=None) == (all_t, all_v)
 
 
 def test_sft_files_load_with_datasets_as_prompt_completion_rows(run, tmp_path):
