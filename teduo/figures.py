@@ -165,9 +165,11 @@ def plot_rollouts(rollouts:pd.DataFrame, frames:int=8, tile:int=12):
 
 # %% ../nbs/10_figures.ipynb #5045fe0e
 def webshop_frame(summary:dict)->pd.DataFrame:
-    "Tidy (policy, split, score, success rate) rows of the webshop_evaluate summary."
+    "Tidy (policy, split, score, success rate, and their 95% intervals where recorded) rows of the webshop_evaluate summary."
     from teduo.webshop.evaluate import POLICIES
-    return pd.DataFrame([{'policy': POLICIES.get(p, p), 'split': sp, 'score': m['score'], 'success rate (%)': m['success_rate']}
+    nan2 = [float('nan')] * 2
+    return pd.DataFrame([{'policy': POLICIES.get(p, p), 'split': sp, 'score': m['score'], 'success rate (%)': m['success_rate'],
+                          'score_low': m.get('score_interval', nan2)[0], 'score_high': m.get('score_interval', nan2)[1]}
                          for p, s in summary.items() for sp, m in s.items() if sp in ('train', 'test')])
 
 # %% ../nbs/10_figures.ipynb #91551676

@@ -121,7 +121,7 @@ ENUM_CASES = {
     'webshop_collect.keywords': (set_('webshop_collect.keywords', 'query'), "webshop_collect.keywords: 'query', expected llm or instruction"),
     'webshop_label.calibration': (set_('webshop_label.calibration', 'prior'), "webshop_label.calibration: 'prior', expected contextual or none"),
     'webshop_evaluate.policies': (set_('webshop_evaluate.policies', ['teduo', 'zero-shot']),
-                                  "webshop_evaluate.policies[1]: 'zero-shot', expected behaviour, zero_shot, zero_shot_plain or teduo (did you mean zero_shot?)"),
+                                  "webshop_evaluate.policies[1]: 'zero-shot', expected behaviour, rule, zero_shot, zero_shot_plain or teduo (did you mean zero_shot?)"),
 }
 
 

@@ -233,9 +233,26 @@ def test_evaluation_metrics_on_synthetic_logs():
     assert (t['score'], t['success_rate'], t['invalid_rate'], t['bought_rate']) == (45.0, 25.0, round(100 * 16 / 27, 2), 75.0)
     assert s['teduo']['test']['score'] == 50.0 and s['teduo']['all']['episodes'] == 6
     assert s['teduo']['all']['invalid_rate'] == round(100 * 18 / 46, 2)
+    # 95% intervals: Wilson for the success rate (1/4), a bootstrap over goals for the score (seeded: the same every run)
+    assert t['success_interval'] == [4.56, 69.94] and t['score_interval'][0] < 45.0 < t['score_interval'][1]
+    assert s['behaviour']['train']['score_interval'] == [20.0, 20.0], 'one episode: nothing to resample'
+    assert summarize(df) == s and summarize(df, seed=1)['teduo']['train']['success_interval'] == [4.56, 69.94]
     md = results_table(s)
-    assert '| fine-tuned LLM (TEDUO) | 45.0 | 25.0 | 50.0 | 50.0 |' in md
-    assert '| data-collection policy (LLM keywords + random clicks) | 20.0 | 0.0 | - | - | 0.0 |' in md
+    lo, hi = t['score_interval']
+    assert f'| fine-tuned LLM (TEDUO) | 45.0 [{lo:.1f}, {hi:.1f}] | 25.0 [4.6, 69.9] |' in md
+    assert '| data-collection policy (LLM keywords + random clicks) | 20.0 [20.0, 20.0] | 0.0 [0.0, 79.3] | - | - | 0.0 |' in md
+    assert '95% Wilson interval' in md
+
+
+def test_the_rule_reference_acts_validly_and_buys(shop):
+    "The rule-based reference: search the instruction, top hit, the option values the instruction names, buy; never invalid."
+    from teduo.webshop.agent import RuleAgent
+    from teduo.webshop.evaluate import make_agent
+    logs = run_episodes(shop, [0, 1, 2], RuleAgent(), progress=False)
+    assert all(l['bought'] and l['invalid'] == 0 for l in logs)
+    assert all(l['actions'][0] == f"search[{' '.join(shop.catalog.goals[g]['instruction_text'].split())}]" for g, l in zip([0, 1, 2], logs))
+    assert all(l['actions'][-1] == 'click[buy now]' for l in logs)
+    assert isinstance(make_agent('rule', {}, None, None, RuleAgent().view, {}, {'max_new_tokens': {}, 'retry_temperature': 0}, 0), RuleAgent)
 
 
 @pytest.mark.parametrize('we,msg', [

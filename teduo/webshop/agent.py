@@ -16,7 +16,8 @@ from .collect import View, state_text, view_clickables, random_click, check_clic
 from .sft import policy_chat
 
 # %% auto #0
-__all__ = ['ACTION_PATTERN', 'REACT_SYSTEM', 'parse_agent_action', 'react_chat', 'LLMAgent', 'BehaviourAgent', 'run_episodes']
+__all__ = ['ACTION_PATTERN', 'REACT_SYSTEM', 'parse_agent_action', 'react_chat', 'LLMAgent', 'BehaviourAgent', 'RuleAgent',
+           'run_episodes']
 
 # %% ../../nbs/28_webshop_agent.ipynb #cf6834b6
 ACTION_PATTERN = re.compile(r'(search|click)\[([^\[\]\n]+)\]')
@@ -82,6 +83,30 @@ class BehaviourAgent:
             s = b['state']
             out.append(f"search[{self.keywords[b['goal']]}]" if s.page == 'search' else random_click(s, catalog, self.view, self.weights, gen))
         return out
+    def parse(self, text:str)->str: return parse_agent_action(text)
+
+# %% ../../nbs/28_webshop_agent.ipynb #b751c55c
+def _names(text:str, value:str)->bool:
+    "Does `text` contain `value` as whole words (case-insensitive)?"
+    return re.search(r'(?<![a-z0-9])' + re.escape(value.lower()) + r'(?![a-z0-9])', text.lower()) is not None
+
+class RuleAgent:
+    "Search the instruction, open the top hit, click the option values the instruction names, buy."
+    def __init__(self, view:View=View()): self.view = view
+    def action(self, instruction:str, s:ShopState, catalog)->str:
+        if s.page == 'search': return f"search[{' '.join(instruction.split())}]"
+        acts = view_clickables(s, catalog, self.view)
+        if s.page == 'results':
+            top = next((l for l, k in acts.items() if k == 'product'), None)
+            return f'click[{top}]' if top else 'click[back to search]'
+        if s.page == 'item':
+            chosen = {n for n, _ in s.options}
+            for name, values in catalog.by_asin[s.asin]['options'].items():
+                shown = [v for v in values if acts.get(v) == 'option' and _names(instruction, v)]
+                if name not in chosen and shown: return f'click[{max(shown, key=len)}]'  # the most specific value it names
+            return 'click[buy now]'
+        return 'click[< prev]'  # a sub page: back to the item
+    def act(self, batch:list[dict], catalog)->list[str]: return [self.action(b['instruction'], b['state'], catalog) for b in batch]
     def parse(self, text:str)->str: return parse_agent_action(text)
 
 # %% ../../nbs/28_webshop_agent.ipynb #d5cfa3e8

@@ -10,17 +10,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core import atomic_path, check_keys, check_positive, resolve, write_json, write_text, StageTimer
+from ..core import atomic_path, check_keys, check_positive, resolve, write_json, write_text, StageTimer, wilson_interval, cluster_bootstrap_interval
 from ..llm import LLM, LLMConfig
 from .env import Shop
 from .collect import View, goal_split, behaviour_keywords
-from .agent import LLMAgent, BehaviourAgent, run_episodes
+from .agent import LLMAgent, BehaviourAgent, RuleAgent, run_episodes
 
 # %% auto #0
 __all__ = ['POLICIES', 'episode_rows', 'summarize', 'results_table', 'tuned_config', 'make_agent', 'episode_plan']
 
 # %% ../../nbs/29_webshop_evaluate.ipynb #00dea032
 POLICIES = {'behaviour': 'data-collection policy (LLM keywords + random clicks)',
+            'rule': 'rule-based reference (search the instruction, top hit, named options, buy)',
             'zero_shot': 'untuned LLM, zero-shot ReAct-style prompt',
             'zero_shot_plain': 'untuned LLM, the fine-tuning prompt',
             'teduo': 'fine-tuned LLM (TEDUO)'}
@@ -31,12 +32,16 @@ def episode_rows(policy:str, split:str, logs:list[dict])->list[dict]:
                  bought=bool(l['bought']), steps=int(l['steps']), invalid=int(l['invalid']), crashes=int(l['crashes']),
                  actions=' ; '.join(l['actions'])) for l in logs]
 
-def summarize(df:pd.DataFrame)->dict: # {policy: {split: metrics}}
-    "Score, success rate, invalid-action rate and more, per policy and split (and both splits together)."
+def summarize(df:pd.DataFrame, seed:int=0)->dict: # {policy: {split: metrics}}
+    """Score, success rate, invalid-action rate and more, per policy and split (and both splits together), with 95%
+    intervals: Wilson for the success rate, a percentile bootstrap over goals (seeded) for the score."""
     out = {}
+    pct = lambda lo_hi: [round(100 * float(v), 2) for v in lo_hi]
     for (pol, split), g in list(df.groupby(['policy', 'split'], sort=False)) + [((p, 'all'), g) for p, g in df.groupby('policy', sort=False)]:
         out.setdefault(pol, {})[split] = {
             'episodes': len(g), 'score': round(100 * float(g.reward.mean()), 2), 'success_rate': round(100 * float(g.success.mean()), 2),
+            'score_interval': pct(cluster_bootstrap_interval(g.reward.to_numpy(), g.goal.to_numpy(), seed=seed)),
+            'success_interval': pct(wilson_interval(int(g.success.sum()), len(g))),
             'invalid_rate': round(100 * float(g.invalid.sum() / max(g.steps.sum(), 1)), 2),
             'bought_rate': round(100 * float(g.bought.mean()), 2), 'mean_steps': round(float(g.steps.mean()), 3)}
     return out
@@ -47,12 +52,16 @@ def results_table(summary:dict, not_run:dict|None=None)->str:
             '|---|---|---|---|---|---|\n')
     rows = []
     for pol, s in summary.items():
-        cell = lambda split, k: f"{s[split][k]:.1f}" if split in s else '-'
+        def cell(split, k):
+            if split not in s: return '-'
+            iv = s[split].get({'score': 'score_interval', 'success_rate': 'success_interval'}.get(k, ''))
+            return f"{s[split][k]:.1f}" + (f" [{iv[0]:.1f}, {iv[1]:.1f}]" if iv else '')
         rows.append(f"| {POLICIES.get(pol, pol)} | {cell('train', 'score')} | {cell('train', 'success_rate')} | "
                     f"{cell('test', 'score')} | {cell('test', 'success_rate')} | {cell('all', 'invalid_rate')} |")
     rows += [f"| {POLICIES.get(pol, pol)} | not run: {why} | | | | |" for pol, why in (not_run or {}).items()]
     n = {sp: max((s[sp]['episodes'] for s in summary.values() if sp in s), default=0) for sp in ('train', 'test')}
-    return head + '\n'.join(rows) + f"\n\nScore: mean reward x 100; SR: success rate (reward = 1) in %; {n['train']} training and {n['test']} test episodes per policy.\n"
+    return (head + '\n'.join(rows) + "\n\nScore: mean reward x 100 [95% bootstrap interval over goals]; SR: success rate "
+            f"(reward = 1) in % [95% Wilson interval]; {n['train']} training and {n['test']} test episodes per policy.\n")
 
 # %% ../../nbs/29_webshop_evaluate.ipynb #2864f667
 def tuned_config(policy:dict, # params base.llm.policy
@@ -75,6 +84,7 @@ def make_agent(name:str, instructions:dict[int, str], base_llm:LLM|None, tuned_l
         kws, _ = behaviour_keywords([instructions[g] for g in goals], collect['keywords'], base_llm, 1, collect['temperature'],
                                     seed, collect['max_new_tokens'])
         return BehaviourAgent({g: k[0] for g, k in zip(goals, kws)}, collect['click_weights'], view, seed)
+    if name == 'rule': return RuleAgent(view)
     if name == 'zero_shot': return LLMAgent(base_llm, 'react', mnt['react'], view, rt, seed)
     if name == 'zero_shot_plain': return LLMAgent(base_llm, 'plain', mnt['plain'], view, rt, seed)
     return LLMAgent(tuned_llm, 'plain', mnt['plain'], view, rt, seed)
