@@ -53,3 +53,16 @@ def test_lock_covers_every_stage():
     assert set(LOCK) == set(stages)
     for name, st in stages.items():
         assert LOCK[name]['cmd'] == st['cmd'], f"stage {name}: dvc.lock ran another command"
+
+
+def test_compare_counts_only_timing_notebooks_and_memos_as_differing_by_design():
+    "`make compare` (tools/compare_run.py) may excuse wall times, executed notebooks and LLM memo files, never a result."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('compare_run', ROOT/'tools'/'compare_run.py')
+    m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+    for p in ('metrics/timing.json', 'metrics/timing/label.json', 'reports/04_label.ipynb', 'outputs/llm_cache/label.sqlite', 'reports/figures'):
+        assert m.by_design(p), p
+    for p in ('metrics/evaluate.json', 'reports/tables', 'reports/webshop_episodes.csv', 'reports/label_audit.png',
+              'outputs/babyai/labels', 'outputs/babyai/adapter', 'README.md'):
+        assert not m.by_design(p), p
+    assert m.main() == 0, 'the checkout is the committed run'

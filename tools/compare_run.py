@@ -5,15 +5,20 @@ committed bytes. Usage: `make compare` (or `python tools/compare_run.py [REF]`).
 Outputs that differ between runs by design, reported but not counted:
 - metrics/timing*: wall times (and the README's line that sums them);
 - reports/*.ipynb: executed notebooks keep progress bars and run times next to their (identical) numbers;
+- reports/figures: one folder output that holds timing.png (a plot of wall times) beside the result figures, which
+  are drawn from the metrics files this script checks byte for byte;
 - outputs/llm_cache/*: memo files of LLM answers; the committed one may also hold answers of earlier runs.
-Everything else (datasets, labels, policies, adapters, episode logs, metrics, figures) must be byte-identical."""
+Everything else (datasets, labels, policies, adapters, episode logs, tables, metrics) must be byte-identical."""
 import subprocess, sys
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-VOLATILE = ('metrics/timing', 'reports/', 'outputs/llm_cache/')
+def by_design(path:str)->bool:
+    "Does this output differ between runs by design (see above)?"
+    return (path.startswith(('metrics/timing', 'outputs/llm_cache/')) or path == 'reports/figures'
+            or (path.startswith('reports/') and path.endswith('.ipynb')))
 WALL_LINE = 'Wall time of the default'  # the README line of metrics/timing.json
 
 
@@ -39,11 +44,11 @@ def main(ref:str='HEAD')->int:
     same, volatile, differ = [], [], []
     for p in sorted(set(old) | set(new)):
         if old.get(p) == new.get(p): same.append(p)
-        elif p.startswith(VOLATILE): volatile.append(p)
+        elif by_design(p): volatile.append(p)
         else: differ.append(p)
     changed = [l[3:] for l in git('status', '--porcelain', '--', 'metrics', 'README.md').stdout.splitlines()]
-    changed = [p for p in changed if not p.startswith(VOLATILE) and not (p == 'README.md' and readme_same(git, ref))]
-    print(f"dvc.lock outputs vs {ref}: {len(same)} identical, {len(volatile)} differ by design (timing, executed reports, LLM memo)")
+    changed = [p for p in changed if not by_design(p) and not (p == 'README.md' and readme_same(git, ref))]
+    print(f"dvc.lock outputs vs {ref}: {len(same)} identical, {len(volatile)} differ by design (timing, executed notebooks, the figures folder with timing.png, LLM memo)")
     for p in volatile: print(f"  by design: {p}")
     for p in differ: print(f"  RESULT DIFFERS: {p}  {old.get(p)} -> {new.get(p)}")
     for p in changed: print(f"  TRACKED FILE CHANGED: {p}  (git diff -- {p})")
