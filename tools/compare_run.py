@@ -2,13 +2,10 @@
 dvc.lock records with the committed dvc.lock (`git show HEAD:dvc.lock`), and every tracked metrics file with its
 committed bytes. Usage: `make compare` (or `python tools/compare_run.py [REF]`). Exit 1 if a result differs.
 
-Outputs that differ between runs by design, reported but not counted:
-- metrics/timing*: wall times (and the README's line that sums them);
-- reports/*.ipynb: executed notebooks keep progress bars and run times next to their (identical) numbers;
-- reports/figures: one folder output that holds timing.png (a plot of wall times) beside the result figures, which
-  are drawn from the metrics files this script checks byte for byte;
-- outputs/llm_cache/*: memo files of LLM answers; the committed one may also hold answers of earlier runs.
-Everything else (datasets, labels, policies, adapters, episode logs, tables, metrics) must be byte-identical."""
+Outputs that differ between runs by design, reported but not counted: the timing records (metrics/timing*: wall
+times, the README's line that sums them, and reports/timing.png, their plot). Executed notebooks (reports/*.ipynb)
+and LLM memo files (outputs/llm_cache/) are logs and caches, not DVC outputs, so dvc.lock does not record them.
+Everything else (datasets, labels, policies, adapters, episode logs, tables, figures, metrics) must be byte-identical."""
 import subprocess, sys
 from pathlib import Path
 
@@ -16,9 +13,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 def by_design(path:str)->bool:
-    "Does this output differ between runs by design (see above)?"
-    return (path.startswith(('metrics/timing', 'outputs/llm_cache/')) or path == 'reports/figures'
-            or (path.startswith('reports/') and path.endswith('.ipynb')))
+    "Is this output a timing record, which differs between runs by design (see above)?"
+    return path.startswith('metrics/timing') or path == 'reports/timing.png'
 WALL_LINE = 'Wall time of the default'  # the README line of metrics/timing.json
 
 
@@ -48,7 +44,7 @@ def main(ref:str='HEAD')->int:
         else: differ.append(p)
     changed = [l[3:] for l in git('status', '--porcelain', '--', 'metrics', 'README.md').stdout.splitlines()]
     changed = [p for p in changed if not by_design(p) and not (p == 'README.md' and readme_same(git, ref))]
-    print(f"dvc.lock outputs vs {ref}: {len(same)} identical, {len(volatile)} differ by design (timing, executed notebooks, the figures folder with timing.png, LLM memo)")
+    print(f"dvc.lock outputs vs {ref}: {len(same)} identical, {len(volatile)} differ by design (timing records)")
     for p in volatile: print(f"  by design: {p}")
     for p in differ: print(f"  RESULT DIFFERS: {p}  {old.get(p)} -> {new.get(p)}")
     for p in changed: print(f"  TRACKED FILE CHANGED: {p}  (git diff -- {p})")
