@@ -28,7 +28,7 @@ from .policy_prompt import PAPER_FORMAT, PolicyFormat, answer_token_budget
 # %% auto #0
 __all__ = ['AGENTS', 'LLM_AGENTS', 'AGENT_POLICIES', 'EpisodeSpec', 'unique_goals', 'load_goals', 'bot_path', 'make_episodes',
            'run_episodes', 'summarize', 'compare_agents', 'load_selections', 'check_policies', 'answer_budget',
-           'NotRun', 'build_agent', 'goal_selections']
+           'llm_episodes', 'NotRun', 'build_agent', 'goal_selections']
 
 # %% ../nbs/09_evaluate.ipynb #cb4a502e
 @dataclass
@@ -207,6 +207,15 @@ def answer_budget(max_new_tokens:int|str, # params evaluate.max_new_tokens: a nu
 AGENTS = ('random', 'bot', 'teduo', 'teduo_oracle', 'llm_zero_shot', 'llm_in_context', 'tabular', 'tabular_oracle', 'dqn', 'gcbc', 'il',
           'gcbc_goal_shuffled', 'tabular_oracle_goal_shuffled') # the comparison; *_goal_shuffled: goal-blind controls
 LLM_AGENTS = ('teduo', 'teduo_oracle', 'llm_zero_shot', 'llm_in_context') # the agents whose cost `llm_episodes_per_cell` bounds
+
+def llm_episodes(per_goal, # per_goal(n_goals, k=None): episodes per goal that give a cell k episodes (None: the cell's size)
+                 n_goals:int, # goals of the quadrant
+                 cap:int|dict|None, # params evaluate.llm_episodes_per_cell: one cap for every LLM agent, or {agent: cap}; null: none
+                 agent:str)->int: # how many of each goal's first episodes the agent runs
+    "Each goal's first episodes an LLM agent runs: its cap on the cell (`llm_episodes_per_cell`), spread over the goals."
+    k = cap.get(agent) if isinstance(cap, dict) else cap
+    if k is None: return per_goal(n_goals)
+    return min(per_goal(n_goals), per_goal(n_goals, check_positive(k, f'params.yaml:evaluate.llm_episodes_per_cell' + (f'.{agent}' if isinstance(cap, dict) else ''))))
 AGENT_POLICIES = {'tabular': 'q_learning_llm', 'tabular_oracle': 'q_learning_oracle', 'dqn': 'dqn_llm'} # step-2 policy files
 
 class NotRun(Exception):

@@ -20,7 +20,7 @@ from .abstract import ABSTRACTION_MODES, ABSTRACTION_SOURCES
 from .label import CALIBRATIONS, LABELERS, REWARD_KEYS
 from .offline_rl import ALGORITHMS
 from .policy_prompt import ACTION_FORMATS, ANSWER_FORMATS, STATE_FORMATS
-from .evaluate import AGENT_POLICIES, AGENTS
+from .evaluate import AGENT_POLICIES, AGENTS, LLM_AGENTS
 from .webshop.collect import CLICK_KINDS, KEYWORD_SOURCES, View
 from .webshop.label import CALIBRATIONS as WEBSHOP_CALIBRATIONS, LABELERS as WEBSHOP_LABELERS
 from .webshop.evaluate import POLICIES as WEBSHOP_POLICIES
@@ -207,7 +207,7 @@ BABYAI_SECTIONS = {
                        **paths('out_dir', 'metrics', 'timing')}),
     'evaluate': Keys({'agents': ListOf(Choice(AGENTS), unique=True), 'goals_per_quadrant': Opt(Int(1)), 'episodes_per_goal': Opt(Int(1)),
                       'max_steps': Int(1), **paths('cache', 'out_dir', 'metrics', 'timing')},
-                     {'episodes_per_cell': Opt(Int(1)), 'llm_episodes_per_cell': Opt(Int(1)), 'min_bot_steps': Int(0),
+                     {'episodes_per_cell': Opt(Int(1)), 'llm_episodes_per_cell': Either((Opt(Int(1)), Keys({}, {a: Opt(Int(1)) for a in LLM_AGENTS}, noun='LLM agent'))), 'min_bot_steps': Int(0),
                       'give_up_after': Opt(Int(1)), 'replan_every': Opt(Int(1)), 'max_new_tokens': Either((Choice(('auto',)), Int(1))), # auto: sized from sft_data.max_plan_len
                       'temperature': Num(0), 'retries': Int(0), 'retry_temperature': Num(0), 'loop': Choice(('repeat', 'sample', 'untried')), 'loop_temperature': POSITIVE, 'cot': Bool(),
                       'baseline_state': Choice(('raw', 'abstract')),

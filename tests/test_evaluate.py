@@ -426,3 +426,15 @@ def test_the_oracle_step_1_control_acts_with_its_own_adapter(tmp_path):
     with pytest.raises(ValueError, match='evaluate.inputs.adapter_oracle missing'):
         build_agent('teduo_oracle', base, World(), {'adapter': tmp_path/'adapter_oracle'}, {}, {}, 0)
     assert AGENT_NAMES['teduo_oracle'].startswith('TEDUO, oracle step 1')
+
+
+def test_llm_episode_caps_are_one_number_or_one_per_agent():
+    "`llm_episodes_per_cell`: one cap for every LLM agent, or {agent: cap} (an agent not named, or null: every episode)."
+    from teduo.evaluate import llm_episodes
+    per_goal = lambda n, k=None: -(-(k or 200) // n)  # a 200-episode cell, as the stage's per_goal
+    caps = {'teduo': None, 'llm_in_context': 20}
+    assert [llm_episodes(per_goal, 20, caps, a) for a in ('teduo', 'llm_in_context', 'llm_zero_shot')] == [10, 1, 10]
+    assert llm_episodes(per_goal, 20, 40, 'teduo') == 2 and llm_episodes(per_goal, 20, None, 'teduo') == 10
+    assert llm_episodes(per_goal, 20, 10_000, 'teduo') == 10  # never more than the cell holds
+    with pytest.raises(ValueError, match=r'llm_episodes_per_cell\.llm_in_context'):
+        llm_episodes(per_goal, 20, {'llm_in_context': 0}, 'llm_in_context')

@@ -169,6 +169,11 @@ OTHER_CASES = {
     'evaluate max_new_tokens 0': (set_('evaluate.max_new_tokens', 0), 'evaluate.max_new_tokens: 0, expected an integer >= 1'),
     'evaluate retries': (set_('evaluate.retries', -1), 'evaluate.retries: -1, expected an integer >= 0'),
     'evaluate retry_temperature': (set_('evaluate.retry_temperature', -0.5), 'evaluate.retry_temperature: -0.5, expected a number >= 0'),
+    'llm episodes agent typo': (set_('evaluate.llm_episodes_per_cell', {'tedou': 10}),
+                                'evaluate.llm_episodes_per_cell.tedou: unknown LLM agent (did you mean teduo?)'),
+    'llm episodes 0': (set_('evaluate.llm_episodes_per_cell.llm_in_context', 0),
+                       'evaluate.llm_episodes_per_cell.llm_in_context: 0, expected null or an integer >= 1'),
+    'llm episodes text': (set_('evaluate.llm_episodes_per_cell', 'all'), "evaluate.llm_episodes_per_cell: 'all', expected null or an integer >= 1 or a mapping"),
 }
 
 
