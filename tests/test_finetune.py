@@ -198,3 +198,15 @@ def test_next_action_accuracy_scores_the_first_action_against_the_majority_basel
     wllm = LLM(LLMConfig('scripted'), None, backend=ScriptedBackend(lambda c: wsaid[c[-1]['content'].split(': ')[1]]))
     w = next_action_accuracy(wllm, wrows, wrows[:1] * 3 + wrows[1:2], f)
     assert (w['correct'], w['unparseable'], w['majority_action'], w['majority_correct']) == (3, 1, 2, 2)
+
+
+def test_the_documented_accelerate_config_loads():
+    "README and nbs/07 launch multi-GPU fine-tuning with `accelerate launch --config_file accelerate.yaml -m teduo.finetune`."
+    from pathlib import Path
+    from accelerate.commands.config.config_args import load_config_from_file
+    root = Path(__file__).resolve().parents[1]
+    c = load_config_from_file(str(root/'accelerate.yaml'))
+    assert str(c.distributed_type).endswith('MULTI_GPU') and c.mixed_precision == 'bf16' and c.num_processes >= 2
+    assert 'accelerate launch --config_file accelerate.yaml -m teduo.finetune' in (root/'README.md').read_text()
+    import teduo.finetune as ft
+    assert callable(ft.main)  # the module's CLI the launcher runs
