@@ -30,7 +30,7 @@ export ONEDNN_MAX_CPU_ISA ?= AVX2
 # DVC stages call `papermill`, `python`: the venv comes first on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install data repro compare test sync-check nbtest pytest bench clean constraints
+.PHONY: install data repro compare outputs test sync-check nbtest pytest bench clean constraints
 
 $(BIN)/.installed: settings.ini setup.py pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -52,6 +52,10 @@ repro: data
 # After `make repro` (e.g. on a fresh clone): is every result byte-identical to the committed run's? (tools/compare_run.py)
 compare: install
 	$(BIN)/python tools/compare_run.py
+
+# Run every notebook's tiny examples and keep their small outputs (text, tables, pictures) in nbs/ (tools/keep_outputs.py).
+outputs: data
+	$(BIN)/python tools/keep_outputs.py
 
 test: data sync-check nbtest pytest
 

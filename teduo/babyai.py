@@ -23,9 +23,9 @@ from .core import resolve, read_json, read_jsonl, write_jsonl, rng, check_keys
 __all__ = ['ACTIONS', 'DIRECTIONS', 'COLORS', 'OBJECT_TYPES', 'EXAMPLE_LAYOUT', 'EMPTY', 'WALL', 'DOOR', 'KEY', 'BALL', 'BOX',
            'TYPE_IDX', 'COLOR_IDX', 'CATEGORY', 'max_distractors', 'layout_problems', 'World', 'quiet', 'reset_layout',
            'layout_seeds', 'check_disjoint_layouts', 'state_len', 'encode_state', 'StateView', 'batch_fields',
-           'restore_state', 'object_name', 'state_text', 'render_state', 'GoToTileInstr', 'parse_instruction',
-           'instruction_kind', 'Goal', 'achieved_batch', 'achieved', 'goal_feasible', 'synthetic_instructions',
-           'load_synonyms', 'paraphrase', 'apportion', 'make_goal_lists']
+           'restore_state', 'object_name', 'state_text', 'render_state', 'show_states', 'GoToTileInstr',
+           'parse_instruction', 'instruction_kind', 'Goal', 'achieved_batch', 'achieved', 'goal_feasible',
+           'synthetic_instructions', 'load_synonyms', 'paraphrase', 'apportion', 'make_goal_lists']
 
 # %% ../nbs/01_babyai.ipynb #84978d48
 ACTIONS = ['turn left', 'turn right', 'move forward', 'pick up', 'drop', 'toggle', 'done'] # minigrid's 0..6
@@ -209,6 +209,20 @@ def render_state(state:np.ndarray, # (L,) state row
     v = StateView.of(state)
     grid, _ = Grid.decode(np.ascontiguousarray(v.grid))
     return grid.render(tile_size, v.agent_pos, v.agent_dir)
+
+def show_states(states, # (L,) state rows to draw, left to right
+                titles:list[str]|None=None, # one per state
+                tile_size:int=12, # pixels per tile
+               ): # a matplotlib figure (a notebook shows it; a stage saves it)
+    "A strip of rendered states: the agent is the red triangle, facing where it points."
+    import matplotlib.pyplot as plt
+    states = list(states)
+    fig, axes = plt.subplots(1, len(states), figsize=(1.6*len(states), 1.8), squeeze=False)
+    for k, (ax, st) in enumerate(zip(axes[0], states)):
+        ax.imshow(render_state(np.asarray(st, np.uint8), tile_size)); ax.axis('off')
+        if titles: ax.set_title(titles[k], fontsize=7)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/01_babyai.ipynb #a10fb7d6
 class GoToTileInstr(ActionInstr):

@@ -20,7 +20,6 @@ __all__ = ['QUADRANTS', 'AGENT_NAMES', 'START', 'END', 'save_fig', 'pct', 'rate_
            'notebook_durations', 'gather_timing', 'timing_totals', 'readme_block', 'update_readme', 'main']
 
 # %% ../nbs/10_figures.ipynb #015212a0
-import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 import seaborn as sns
 
@@ -32,10 +31,10 @@ AGENT_NAMES = {'teduo': 'TEDUO (fine-tuned LLM)', 'teduo_oracle': 'TEDUO, oracle
                'tabular_oracle_goal_shuffled': 'steps 1+2 oracle, goal shuffled (goal-blind control)'}
 
 def save_fig(fig, path):
-    "Save a figure (PNG or SVG by suffix), atomically."
+    "Save a figure (PNG or SVG by suffix), atomically; it stays open, so an executed notebook shows it inline."
     p = Path(resolve(path)); p.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(p) as tmp: fig.savefig(tmp, format=p.suffix[1:], dpi=120, bbox_inches='tight')
-    plt.close(fig)
+    return fig
 
 def pct(p, lo=None, hi=None, n=None)->str:
     "A rate in percent, with its interval and episodes when given: '41.7 [19.3, 68.0] (n=12)'."

@@ -16,7 +16,8 @@ from .policy_prompt import FORMAT_FILE, PAPER_FORMAT, PolicyFormat, answer_token
 
 # %% auto #0
 __all__ = ['FINETUNE_KEYS', 'answer_loss', 'answer_loss_trainer', 'file_hash', 'sort_adapter_config', 'NoTrainingData',
-           'write_untrained', 'adapter_status', 'finetune_lora', 'completion_mask_of', 'next_action_accuracy', 'main']
+           'write_untrained', 'adapter_status', 'finetune_lora', 'plot_curves', 'completion_mask_of',
+           'next_action_accuracy', 'main']
 
 # %% ../nbs/07_finetune.ipynb #67c8aafd
 def answer_loss(model, inputs:dict, num_items_in_batch=None):
@@ -152,6 +153,16 @@ def finetune_lora(train_path:str|Path, # prompt-completion JSONL
     if curves_path: write_json(curves, resolve(curves_path))
     shutil.rmtree(work, ignore_errors=True)
     return summary
+
+# %% ../nbs/07_finetune.ipynb #ae9ad058
+def plot_curves(curves:dict, # the curves file: {'train': [{'step', 'loss'}...], 'validation': [...]}
+                title:str='LoRA fine-tuning of the policy LLM'):
+    "Training and validation loss against the step (seaborn); returns the figure."
+    import matplotlib.pyplot as plt, pandas as pd, seaborn as sns
+    df = pd.concat([pd.DataFrame(curves[k], columns=['step', 'loss']).assign(split=k) for k in ('train', 'validation')])
+    fig, ax = plt.subplots(figsize=(5, 3)); sns.lineplot(data=df, x='step', y='loss', hue='split', marker='o', ax=ax)
+    ax.set(title=title)
+    return fig
 
 # %% ../nbs/07_finetune.ipynb #aaef48cb
 def completion_mask_of(example:dict, tok, max_length:int=1024)->tuple[list[int], list[int]]:

@@ -352,7 +352,6 @@ def load_labels(out_dir:str|Path)->list[LabeledGoal]:
 # %% ../nbs/04_label.ipynb #2f6110a5
 def plot_label_audit(report:dict, path:str|Path|None=None):
     "Per-goal precision, recall and F1 of the LLM judge and the approximator (seaborn)."
-    import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt, seaborn as sns
     rows = [{'goal': g['instruction'], 'labels': {'llm': 'LLM judge', 'approximator': 'approximator', 'final': 'final labels'}[k],
              'metric': m, 'value': g[k][m]}

@@ -138,7 +138,6 @@ def load_labels(path:str|Path)->pd.DataFrame:
 
 def plot_label_audit(L:pd.DataFrame, positive:float=0.6, path:str|Path|None=None):
     "Labeled against true reward (jittered strip), and the ROC curve of the labels for true reward >= positive."
-    import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt, seaborn as sns
     from sklearn.metrics import roc_curve
     sns.set_theme(style='whitegrid', context='paper')
