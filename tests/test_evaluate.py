@@ -321,8 +321,9 @@ def test_figures_notebook_on_fixture_outputs(nb_env, tmp_path):
     _run('10_figures.ipynb', tmp_path/'10.ipynb', figures=dict(eval_dir=str(fx/'eval'), metrics_dir=str(fx/'metrics'),
          out_dir=str(out), timing_out=str(tmp_path/'timing.json'), frames_per_strip=4))
     assert _status() == before, 'the run wrote into the repository'
-    for f in ('table1', 'label_audit', 'finetune_curves', 'rollouts', 'timing'):
-        assert (out/'figures'/f'{f}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', f
+    for f in ('figures/table1', 'figures/label_audit', 'figures/finetune_curves', 'figures/rollouts', 'timing'):
+        assert (out/f'{f}.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', f  # the timing plot sits outside figures/
+    assert not (out/'figures'/'timing.png').exists(), 'a timing record among the results would make make compare fail'
     for f in ('table1', 'categories', 'table2_ablations', 'label_audit', 'pipeline_stats'):
         assert (out/'tables'/f'{f}.md').read_text().startswith('| '), f
     t = read_json(tmp_path/'timing.json')  # the stages' own records plus the figures stage itself
