@@ -27,6 +27,8 @@ export DVC_SITE_CACHE_DIR := $(CURDIR)/.cache/dvc-site
 export MKL_CBWR ?= AVX2
 export ATEN_CPU_CAPABILITY ?= avx2
 export ONEDNN_MAX_CPU_ISA ?= AVX2
+# OpenBLAS (numpy, scipy, scikit-learn's reward approximators): one kernel family on every x86-64 kind.
+export OPENBLAS_CORETYPE ?= Haswell
 # DVC stages call `papermill`, `python`: the venv comes first on PATH.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 

@@ -81,3 +81,16 @@ def test_check_positive_names_the_param():
     for bad in (0, -4, 1.5, True, None, '3'):
         with pytest.raises(ValueError, match=r"params.yaml:evaluate.max_steps: got .*, expected an integer >= 1"):
             check_positive(bad, 'params.yaml:evaluate.max_steps')
+
+
+def test_the_kernel_pins_of_the_makefile_and_the_package_agree():
+    "Every math-library pin the Makefile exports for the stages is also the package's default (and OpenBLAS is pinned)."
+    import re, subprocess, sys
+    from conftest import ROOT
+    make = dict(re.findall(r'^export (MKL_CBWR|ATEN_CPU_CAPABILITY|ONEDNN_MAX_CPU_ISA|OPENBLAS_CORETYPE) \?= (\S+)$',
+                           (ROOT/'Makefile').read_text(), re.M))
+    assert set(make) == {'MKL_CBWR', 'ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA', 'OPENBLAS_CORETYPE'}, make
+    env = {k: v for k, v in __import__('os').environ.items() if k not in make}
+    code = "import json, os, teduo; print(json.dumps({k: os.environ.get(k) for k in %r}))" % sorted(make)
+    out = subprocess.run([sys.executable, '-c', code], env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert __import__('json').loads(out) == make
