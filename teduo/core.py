@@ -14,7 +14,8 @@ import yaml
 # %% auto #0
 __all__ = ['repo_root', 'resolve', 'load_params', 'check_keys', 'check_positive', 'or_list', 'stable_seed', 'rng',
            'seed_everything', 'atomic_path', 'write_text', 'dumps', 'write_json', 'read_json', 'write_jsonl',
-           'read_jsonl', 'wilson_interval', 'cluster_bootstrap_interval', 'paired_test', 'StageTimer']
+           'read_jsonl', 'wilson_interval', 'cluster_bootstrap_interval', 'paired_test', 'blas_cores', 'check_kernels',
+           'StageTimer']
 
 # %% ../nbs/00_core.ipynb #dc165d9f
 def repo_root(start:str|Path|None=None, # where to start looking (default: cwd, then this file)
@@ -201,10 +202,30 @@ def paired_test(a:np.ndarray, # (n,) 0/1 outcomes of agent A
     table = [[int(a.sum()), int((~a).sum())], [int(b.sum()), int((~b).sum())]]
     return {'test': "Fisher's exact", 'table': table, 'p_value': round(float(fisher_exact(table)[1]), 6)}
 
+# %% ../nbs/00_core.ipynb #b8d4f2c3
+def blas_cores()->list[str]:
+    "Kernel families (OpenBLAS core types) of the BLAS libraries loaded in this process: numpy's (and scipy's, once loaded)."
+    from threadpoolctl import threadpool_info  # a dependency of scikit-learn
+    return sorted({str(i.get('architecture')) for i in threadpool_info() if i.get('internal_api') == 'openblas'})
+
+def check_kernels(strict:bool=True)->list[str]:
+    "The loaded OpenBLAS kernels, checked against the pin (`OPENBLAS_CORETYPE`; teduo and the Makefile default it to Haswell)."
+    want = os.environ.get('OPENBLAS_CORETYPE', '')
+    cores = blas_cores()
+    wrong = [c for c in cores if c.lower() != want.lower()]
+    if wrong:
+        msg = (f"OpenBLAS runs {', '.join(wrong)} kernels, not the pinned {want or 'Haswell'!r} ones (OPENBLAS_CORETYPE): numpy "
+               "was loaded before teduo could pin them, so results would follow this CPU; run the stage through `make` "
+               "(it exports OPENBLAS_CORETYPE=Haswell) or `export OPENBLAS_CORETYPE=Haswell` first")
+        if strict: raise RuntimeError(msg)
+        import warnings; warnings.warn(msg)
+    return cores
+
 # %% ../nbs/00_core.ipynb #60c05cee
 class StageTimer:
     "Time a stage (or named parts of it) and write `{stage, wall_s, parts}` to a timing file."
     def __init__(self, stage:str, path:str|Path|None=None):
+        check_kernels(strict=path is not None)  # a stage that writes results refuses unpinned kernels
         self.stage, self.path, self.parts, self.t0 = stage, path, {}, time.perf_counter()
     @contextlib.contextmanager
     def part(self, name:str):

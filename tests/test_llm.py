@@ -267,6 +267,19 @@ def test_model_fingerprint_follows_the_weights(tmp_path):
     assert tl.model_fingerprint(LLMConfig('m', 'openai', base_url='http://h:1/v1/')) == 'openai:m@http://h:1/v1'
 
 
+@pytest.mark.parametrize('offline', ['1', '0'])
+def test_prepared_model_folder_is_the_same_bytes_online_or_offline(tiny_llama, tmp_path, offline):
+    """prepare_model's folder (a dep of every LLM stage) does not record the hub mode it ran under: the tokenizer
+    writes `local_files_only` following HF_HUB_OFFLINE, which a bare `dvc repro` outside `make` leaves unset."""
+    import os, subprocess, sys
+    from conftest import ROOT
+    env = {**os.environ, 'HF_HUB_OFFLINE': offline, 'TRANSFORMERS_OFFLINE': offline}
+    code = f"from teduo.llm import prepare_hf_model; prepare_hf_model({str(tiny_llama)!r}, {str(tmp_path/'m')!r})"
+    subprocess.run([sys.executable, '-c', code], env=env, cwd=ROOT, check=True, capture_output=True)
+    c = json.loads((tmp_path/'m'/'tokenizer_config.json').read_text())
+    assert c.get('local_files_only', True) is True, c
+
+
 # ---------------------------------------------------------------- strict parsing
 
 def _json_parser(t): return parse_json_answer(t, {'type': 'object', 'required': ['a'], 'properties': {'a': {'type': 'integer'}}})
