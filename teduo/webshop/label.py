@@ -16,13 +16,14 @@ from ..core import atomic_path, or_list, resolve, rng, write_json, StageTimer
 from ..llm import LLM, LLMConfig
 from ..label import binary_scores, calibrated_p_yes
 from .env import Shop, ShopState
-from .reward import get_reward
+from .reward import fuzz, get_reward, normalize_color, type_reward
 from .collect import View, state_from_json, load_trajectories, collect_trajectories, goal_split, first_words
 
 # %% auto #0
-__all__ = ['JUDGE_SYSTEM', 'CONTENT_FREE', 'CALIBRATIONS', 'LABELERS', 'LABEL_SCHEMA', 'purchases', 'true_reward',
-           'purchase_text', 'judge_chat', 'llm_p_yes', 'hindsight_rewards', 'pick_best', 'label_audit', 'save_labels',
-           'load_labels', 'plot_label_audit']
+__all__ = ['JUDGE_SYSTEM', 'CONTENT_FREE', 'CALIBRATIONS', 'CRITERION_SYSTEM', 'CRITERIA', 'LABELERS', 'LABEL_SCHEMA',
+           'purchases', 'true_reward', 'purchase_text', 'judge_chat', 'llm_p_yes', 'criteria', 'criteria_truth',
+           'criteria_reward', 'criterion_chat', 'criterion_judgements', 'combine_judgements', 'criteria_audit',
+           'hindsight_rewards', 'pick_best', 'label_audit', 'save_labels', 'load_labels', 'plot_label_audit']
 
 # %% ../../nbs/25_webshop_label.ipynb #a9854e34
 def purchases(df:pd.DataFrame, # from `load_trajectories`
@@ -73,21 +74,110 @@ def llm_p_yes(instructions:list[str], texts:list[str], llm:LLM, calibration:str=
         at = {i: j for j, i in enumerate(uniq)}; cf = cf[[at[i] for i in instructions]]  # each row's own
     return calibrated_p_yes(lp, cf)
 
+# %% ../../nbs/25_webshop_label.ipynb #b21d10a6
+CRITERION_SYSTEM = ("You check one requirement of an online purchase against what the shop showed. "
+                    "Answer Yes if the purchase meets the requirement, No if it does not.")
+CRITERIA = ('type', 'attribute', 'option', 'price') # the components of WebShop's reward, in the order of `criteria`
+
+def _goal_options(goal:dict)->list:
+    "The goal's options as WebShop's reward compares them: (name, value) items of a dict, or plain values."
+    g = goal['goal_options']
+    return list(g.items()) if isinstance(g, dict) else list(g)
+
+def criteria(goal:dict)->list[tuple[str, str]]:
+    "(kind, requirement) of each criterion of a goal's reward: the product type, each attribute, each option, the price."
+    opt = lambda o: f"the chosen {o[0]} is {o[1]}" if isinstance(o, tuple) else f"the chosen options include {o}"
+    return ([('type', f"the product is a kind of {goal['query']}")]
+            + [('attribute', f"the product has the feature: {a}") for a in goal['attributes']]
+            + [('option', opt(o)) for o in _goal_options(goal)]
+            + [('price', f"the price is lower than {goal['price_upper']:.2f} dollars")])
+
+def criteria_truth(shop:Shop, state:ShopState)->np.ndarray: # r_type, then 1/0 per attribute, option and the price
+    "Each criterion's true value for the purchase in `state`, with the comparisons of WebShop's reward."
+    c = shop.catalog; p, g = c.by_asin[state.asin], c.goals[state.goal_index]
+    text = (p['Title'].lower(), ' '.join(p['BulletPoints']).lower(), p['Description'].lower())
+    att = [any(fuzz.token_set_ratio(x, a) > 85 for x in p['Attributes']) or any(a in t for t in text) for a in g['attributes']]
+    bought = [normalize_color(o) for o in dict(state.options).values()]
+    opt = [any(fuzz.token_set_ratio(b, normalize_color(w)) > 85 for b in bought) for w in _goal_options(g)]
+    price = g['price_upper'] > 0 and c.prices[state.asin] <= g['price_upper']
+    return np.array([type_reward(p, g)['r_type'], *att, *opt, price], float)
+
+def criteria_reward(values:np.ndarray)->float:
+    "WebShop's reward formula on criterion values in `criteria` order: type x mean(attributes, options, price)."
+    values = np.asarray(values, float)
+    if len(values) < 2: raise ValueError(f"{len(values)} criterion values: expected the type and at least the price")
+    return float(values[0] * values[1:].sum() / (len(values) - 1))
+
+def criterion_chat(instruction:str, purchase:str, requirement:str)->list[dict]:
+    "The chat that asks whether `purchase` meets one `requirement` of `instruction` (answer: Yes or No)."
+    return [{'role': 'system', 'content': CRITERION_SYSTEM},
+            {'role': 'user', 'content': f"Request: {instruction}\n{purchase}\nRequirement: {requirement}\n"
+                                        "Is the requirement met? Answer Yes or No."}]
+
+def criterion_judgements(P:pd.DataFrame, # from `purchases`
+                         shop:Shop, llm:LLM|None=None, # None: the true values only (p_yes NaN)
+                         view:View=View(), calibration:str='contextual', progress:bool=True,
+                        )->pd.DataFrame: # one row per (purchase, criterion): traj, goal, k, kind, requirement, truth, p_yes
+    "Every criterion of every purchase: its true value and, with an LLM, the judge's p(Yes)."
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"params.yaml:webshop_label.calibration: {calibration!r}, expected {or_list(CALIBRATIONS)}")
+    rows, lps, at = [], [], {}
+    for tr, g, ins, s in tqdm(list(zip(P.traj, P.goal, P.instruction, P.state)), desc='criteria', disable=not progress, leave=False):
+        crit, truth = criteria(shop.catalog.goals[int(g)]), criteria_truth(shop, s)
+        rows += [(int(tr), int(g), k, kind, req, float(t)) for k, ((kind, req), t) in enumerate(zip(crit, truth))]
+        if llm is not None:  # one call per purchase: its questions share the prompt up to the requirement
+            text = purchase_text(s, shop.catalog, view)
+            lps.append(llm.score([criterion_chat(ins, text, r) for _, r in crit], ['Yes', 'No']))
+            at.setdefault(int(g), (ins, [r for _, r in crit]))
+    C = pd.DataFrame(rows, columns=['traj', 'goal', 'k', 'kind', 'requirement', 'truth'])
+    C['p_yes'] = np.nan
+    if llm is not None and len(C):
+        cf = None
+        if calibration == 'contextual':  # the lean per (request, requirement), on the content-free purchase
+            lean = {g: llm.score([criterion_chat(ins, CONTENT_FREE, r) for r in reqs], ['Yes', 'No']) for g, (ins, reqs) in sorted(at.items())}
+            cf = np.concatenate([lean[int(g)] for g in P.goal])  # rows in the order of C
+        C['p_yes'] = calibrated_p_yes(np.concatenate(lps), cf)
+    return C
+
+def combine_judgements(C:pd.DataFrame, # from `criterion_judgements`
+                       value:str='p_yes', # or 'truth'
+                      )->pd.Series: # traj -> combined reward
+    "Each purchase's criterion values combined by WebShop's formula (`criteria_reward`)."
+    C = C.sort_values(['traj', 'k'], kind='stable')
+    return C.groupby('traj', sort=True)[value].apply(lambda v: criteria_reward(v.to_numpy())).rename('reward')
+
+def criteria_audit(C:pd.DataFrame)->dict:
+    "Per criterion kind and overall: the judge's p(Yes) against the criterion being met (true value 1; type: r_type = 1)."
+    out = {}
+    for kind, D in [('all', C), *((k, C[C.kind == k]) for k in CRITERIA)]:
+        if not len(D) or D.p_yes.isna().any(): continue
+        t, p = D.truth.to_numpy() >= 1, D.p_yes.to_numpy()
+        out[kind] = binary_scores(t, p >= 0.5, p) | {'accuracy': round(float(((p >= 0.5) == t).mean()), 4),
+                                                    'met_share': round(float(t.mean()), 4), 'mean_p_yes': round(float(p.mean()), 4)}
+    return out
+
 # %% ../../nbs/25_webshop_label.ipynb #6361c36e
-LABELERS = ('llm', 'oracle') # the judge's p(Yes) (TEDUO), or the environment's true reward (upper bound)
+LABELERS = ('llm', 'llm_whole', 'oracle') # TEDUO: the criterion judge; control: one judgement of the whole purchase; upper bound: the true reward
 
 def hindsight_rewards(P:pd.DataFrame, # from `purchases`
                       shop:Shop, labeler:str, llm:LLM|None=None, view:View=View(),
-                      calibration:str='contextual')->pd.DataFrame: # traj, goal, label_reward, llm_p_yes, true_reward
-    "Labeled reward of every purchase (LLM p(Yes), or the true reward with the oracle), and the true reward."
+                      calibration:str='contextual',
+                      judged:pd.DataFrame|None=None, # `criterion_judgements` already made with `llm` (labeler llm)
+                     )->pd.DataFrame: # traj, goal, label_reward, llm_p_yes, true_reward
+    """Labeled reward of every purchase (the criterion judgements combined; the whole-purchase p(Yes); or the true
+    reward with the oracle), and the true reward."""
     if labeler not in LABELERS: raise ValueError(f"params.yaml:webshop_label.labeler: {labeler!r}, expected {or_list(LABELERS)}")
     truth = np.array([true_reward(shop, s) for s in tqdm(P.state, desc='true rewards', leave=False)], float)
     p_yes = np.full(len(P), np.nan)
+    label = truth.copy()
     if labeler == 'llm' and len(P):
-        p_yes = llm_p_yes(list(P.instruction), [purchase_text(s, shop.catalog, view) for s in P.state], llm, calibration)
+        if judged is None: judged = criterion_judgements(P, shop, llm, view, calibration)
+        label = combine_judgements(judged).loc[P.traj].to_numpy()
+    if labeler == 'llm_whole' and len(P):
+        label = p_yes = llm_p_yes(list(P.instruction), [purchase_text(s, shop.catalog, view) for s in P.state], llm, calibration)
     return pd.DataFrame({'traj': P.traj.to_numpy(np.int32), 'goal': P.goal.to_numpy(np.int32),
                          'n_actions': P.n_actions.to_numpy(np.int16),
-                         'label_reward': truth.copy() if labeler == 'oracle' else p_yes,
+                         'label_reward': label,
                          'llm_p_yes': p_yes, 'true_reward': truth})
 
 def _corr(a, b, kind):
@@ -136,12 +226,14 @@ def load_labels(path:str|Path)->pd.DataFrame:
         if not ((v >= 0) & (v <= 1)).all(): raise ValueError(f"{p}: field {c!r} must lie in [0, 1]")
     return L
 
-def plot_label_audit(L:pd.DataFrame, positive:float=0.6, path:str|Path|None=None):
-    "Labeled against true reward (jittered strip), and the ROC curve of the labels for true reward >= positive."
+def plot_label_audit(L:pd.DataFrame, positive:float=0.6, path:str|Path|None=None,
+                     criteria:dict|None=None, # `criteria_audit` of the criterion judge: a third panel
+                    ):
+    "Labeled against true reward (jittered strip), the ROC curve of the labels for true reward >= positive, the criteria."
     import matplotlib.pyplot as plt, seaborn as sns
     from sklearn.metrics import roc_curve
     sns.set_theme(style='whitegrid', context='paper')
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, ax = plt.subplots(1, 3 if criteria else 2, figsize=(13.5 if criteria else 9, 3.6))
     x = L.true_reward.round(1).to_numpy() + rng(0, 'jitter').uniform(-.01, .01, len(L))  # seeded (seaborn's strip jitter
     sns.scatterplot(x=x, y=L.label_reward.to_numpy(), ax=ax[0], s=9, alpha=.6, linewidth=0)  # draws from the global RNG)
     ax[0].axhline(positive, ls='--', c='gray'); ax[0].axvline(positive, ls='--', c='gray')
@@ -151,6 +243,11 @@ def plot_label_audit(L:pd.DataFrame, positive:float=0.6, path:str|Path|None=None
         fpr, tpr, _ = roc_curve(t, L.label_reward.to_numpy()); ax[1].plot(fpr, tpr)
     ax[1].plot([0, 1], [0, 1], ls=':', c='gray')
     ax[1].set(xlabel='false positive rate', ylabel='true positive rate', title=f'ROC, success = true reward >= {positive}')
+    if criteria:
+        d = pd.DataFrame([{'criterion': f"{k} (n={v['n']})", 'measure': m, 'value': v[key]} for k, v in criteria.items()
+                          for m, key in (('accuracy', 'accuracy'), ('ROC-AUC', 'roc_auc')) if v[key] is not None])
+        sns.barplot(d, x='criterion', y='value', hue='measure', ax=ax[2]); ax[2].axhline(0.5, ls=':', c='gray')
+        ax[2].set(ylim=(0, 1), xlabel='', ylabel='', title='Criterion judge vs the truth'); ax[2].tick_params(axis='x', labelsize=7)
     fig.tight_layout()
     if path is not None:
         with atomic_path(resolve(path)) as tmp: fig.savefig(tmp, format=Path(path).suffix[1:], dpi=120, bbox_inches='tight')
