@@ -12,7 +12,7 @@ import numpy as np
 import yaml
 
 # %% auto #0
-__all__ = ['repo_root', 'resolve', 'load_params', 'check_keys', 'check_positive', 'or_list', 'stable_seed', 'rng',
+__all__ = ['repo_root', 'resolve', 'shown', 'load_params', 'check_keys', 'check_positive', 'or_list', 'stable_seed', 'rng',
            'seed_everything', 'atomic_path', 'write_text', 'dumps', 'write_json', 'read_json', 'write_jsonl',
            'read_jsonl', 'wilson_interval', 'cluster_bootstrap_interval', 'paired_test', 'blas_cores', 'check_kernels',
            'StageTimer']
@@ -32,6 +32,12 @@ def resolve(path:str|Path, # absolute, or relative to the repo root
     "An absolute path, with relative paths taken from the repository root."
     p = Path(path).expanduser()
     return p if p.is_absolute() else repo_root()/p
+
+def shown(path:str|Path)->str:
+    "`path` as a message or a metrics file shows it: relative to the repo root when inside it (the same on every clone)."
+    p = resolve(path)
+    try: return str(p.relative_to(repo_root()))
+    except ValueError: return str(p)
 
 # %% ../nbs/00_core.ipynb #3987e72b
 def load_params(*sections:str, # top-level sections to return, e.g. 'base', 'collect'

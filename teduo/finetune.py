@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from fastcore.script import call_parse
 
-from .core import atomic_path, check_keys, load_params, read_json, resolve, seed_everything, write_json, StageTimer
+from .core import atomic_path, check_keys, load_params, read_json, resolve, seed_everything, shown, write_json, StageTimer
 from .llm import LLMConfig, load_hf, model_fingerprint
 from .policy_prompt import FORMAT_FILE, PAPER_FORMAT, PolicyFormat, answer_token_budget, load_format, parse_answer_prefix, save_format
 
@@ -100,7 +100,7 @@ def finetune_lora(train_path:str|Path, # prompt-completion JSONL
     check_keys(cfg, FINETUNE_KEYS, 'params.yaml:finetune', optional=['out_dir', 'curves', 'metrics', 'timing', 'gradient_checkpointing', 'oracle_control'])
     seed_everything(seed)
     nonempty = lambda p: Path(resolve(p)).exists() and Path(resolve(p)).stat().st_size > 0
-    no_examples = f"{train_path}: no training examples (did step 2 produce any plans?)"
+    no_examples = f"{shown(train_path)}: no training examples (did step 2 produce any plans?)"
     if not nonempty(train_path): raise NoTrainingData(no_examples)  # (the json loader fails on an empty file)
     files = {'train': str(resolve(train_path))} | ({'validation': str(resolve(val_path))} if val_path and nonempty(val_path) else {})
     ds = datasets.load_dataset('json', data_files=files)

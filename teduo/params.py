@@ -23,7 +23,8 @@ from .policy_prompt import ACTION_FORMATS, ANSWER_FORMATS, STATE_FORMATS
 from .evaluate import AGENT_POLICIES, AGENTS, LLM_AGENTS
 from .webshop.collect import CLICK_KINDS, KEYWORD_SOURCES, View
 from .webshop.label import CALIBRATIONS as WEBSHOP_CALIBRATIONS, LABELERS as WEBSHOP_LABELERS
-from .webshop.evaluate import POLICIES as WEBSHOP_POLICIES
+from .webshop.evaluate import POLICIES as WEBSHOP_POLICIES, TRAIN_SPLITS as WEBSHOP_TRAIN_SPLITS
+from .webshop.sft import LABELS as WEBSHOP_SFT_LABELS
 
 # %% auto #0
 __all__ = ['PATH', 'PROB', 'SHARE', 'POSITIVE', 'LLM_ROLES', 'LLM_ROLE', 'BASE', 'LAYOUTS', 'FINETUNE_TRAIN', 'FINETUNE_OPTIONAL',
@@ -227,13 +228,17 @@ WEBSHOP_SECTIONS = {
                              **paths('cache', 'out', 'metrics', 'timing')}),
     'webshop_label': Keys({'labeler': Choice(WEBSHOP_LABELERS), 'calibration': Choice(WEBSHOP_CALIBRATIONS), 'positive': PROB,
                            **paths('cache', 'out', 'metrics', 'figure', 'timing')}),
-    'webshop_sft': Keys({'min_reward': PROB, 'validation': Num(0, 1, open_hi=True), 'max_examples': Opt(Int(1)),
-                         'count_tokens': Bool(), **paths('out_dir', 'metrics', 'timing')}),
-    'webshop_finetune': Keys({'train': Keys(FINETUNE_TRAIN, FINETUNE_OPTIONAL), **paths('out_dir', 'curves', 'metrics', 'timing')}),
+    'webshop_sft': Keys({'labels': Choice(WEBSHOP_SFT_LABELS), 'min_reward': PROB, 'validation': Num(0, 1, open_hi=True),
+                         'max_examples': Opt(Int(1)), 'count_tokens': Bool(), **paths('out_dir', 'metrics', 'timing')},
+                        {'oracle_control': Keys({'labels': Choice(WEBSHOP_SFT_LABELS), **paths('out_dir', 'metrics', 'timing')})}),
+    'webshop_finetune': Keys({'train': Keys(FINETUNE_TRAIN, FINETUNE_OPTIONAL), **paths('out_dir', 'curves', 'metrics', 'timing')},
+                             {'oracle_control': Keys(paths('out_dir', 'curves', 'metrics', 'timing'))}),
     'webshop_evaluate': Keys({'policies': ListOf(Choice(tuple(WEBSHOP_POLICIES)), unique=True),
                               'episodes': Keys({'train': Int(0), 'test': Int(0)}), 'max_steps': Int(1),
                               'max_new_tokens': Keys({'plain': Int(1), 'react': Int(1)}), 'retry_temperature': Num(0),
-                              **paths('cache', 'episodes_csv', 'table', 'metrics', 'timing')}),
+                              'train_split': Choice(WEBSHOP_TRAIN_SPLITS),
+                              **paths('cache', 'episodes_csv', 'table', 'metrics', 'timing')},
+                             {'max_episodes': Keys({}, {p: Int(1) for p in WEBSHOP_POLICIES}, noun='policy')}),
 }
 
 # %% ../nbs/00b_params.ipynb #186b9dde
@@ -294,6 +299,11 @@ def _disjoint_goals(p):
                                        f"[{tr['start']}, {tr['start'] + tr['count']}): test goals must be unseen")]
     return []
 
+def _webshop_oracle_policy_has_a_control(p):
+    if 'teduo_oracle' not in p['webshop_evaluate']['policies']: return []
+    return [(f"{s}.oracle_control", "missing: webshop_evaluate.policies lists teduo_oracle, which acts with the oracle control's adapter")
+            for s in ('webshop_sft', 'webshop_finetune') if 'oracle_control' not in p[s]]
+
 def _episodes_within_goals(p):
     return [(f"webshop_evaluate.episodes.{s}", f"{n}, more than the {p['webshop'][f'{s}_goals']['count']} goals of webshop.{s}_goals")
             for s, n in p['webshop_evaluate']['episodes'].items() if n > p['webshop'][f'{s}_goals']['count']]
@@ -303,7 +313,8 @@ RULES = [Rule(('babyai',), _buildable_layouts), Rule(('babyai',), _disjoint_layo
          Rule(('offline_rl.runs', 'sft_data'), _control_policy_is_a_run),
          Rule(('evaluate.agents', 'sft_data', 'finetune', 'evaluate'), _oracle_agent_has_a_control),
          Rule(('offline_rl.runs', 'evaluate.agents'), _agents_have_policies),
-         Rule(('webshop',), _disjoint_goals), Rule(('webshop', 'webshop_evaluate.episodes'), _episodes_within_goals)]
+         Rule(('webshop',), _disjoint_goals), Rule(('webshop', 'webshop_evaluate.episodes'), _episodes_within_goals),
+         Rule(('webshop_evaluate.policies', 'webshop_sft', 'webshop_finetune'), _webshop_oracle_policy_has_a_control)]
 
 # %% ../nbs/00b_params.ipynb #fc8bf48a
 SCHEMA = Keys({**BASE, **BABYAI_SECTIONS, **WEBSHOP_SECTIONS}, noun='section')

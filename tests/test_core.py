@@ -119,3 +119,11 @@ def test_a_stage_refuses_openblas_kernels_other_than_the_pin(tmp_path, monkeypat
     monkeypatch.setenv('OPENBLAS_CORETYPE', blas_cores()[0])
     StageTimer('label', tmp_path/'timing.json').save()
     assert (tmp_path/'timing.json').exists()
+
+
+def test_shown_paths_are_the_same_on_every_clone(tmp_path):
+    "A path inside the repo shows relative to its root (messages and metrics then match across clones); others stay absolute."
+    from teduo.core import repo_root, shown
+    assert shown(repo_root()/'outputs'/'webshop'/'sft'/'train.jsonl') == 'outputs/webshop/sft/train.jsonl'
+    assert shown('outputs/x.json') == 'outputs/x.json'
+    assert shown(tmp_path/'a.json') == str(tmp_path/'a.json')

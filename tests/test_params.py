@@ -121,7 +121,7 @@ ENUM_CASES = {
     'webshop_collect.keywords': (set_('webshop_collect.keywords', 'query'), "webshop_collect.keywords: 'query', expected llm or instruction"),
     'webshop_label.calibration': (set_('webshop_label.calibration', 'prior'), "webshop_label.calibration: 'prior', expected contextual or none"),
     'webshop_evaluate.policies': (set_('webshop_evaluate.policies', ['teduo', 'zero-shot']),
-                                  "webshop_evaluate.policies[1]: 'zero-shot', expected behaviour, rule, zero_shot, zero_shot_plain or teduo (did you mean zero_shot?)"),
+                                  "webshop_evaluate.policies[1]: 'zero-shot', expected behaviour, rule, zero_shot, zero_shot_plain, teduo or teduo_oracle (did you mean zero_shot?)"),
 }
 
 
@@ -165,6 +165,13 @@ OTHER_CASES = {
     'webshop_finetune.train': (rename('webshop_finetune.train.lora_r', 'lora_rank'), 'webshop_finetune.train.lora_rank: unknown key (did you mean lora_r?)'),
     'webshop episodes': (set_('webshop_evaluate.episodes.train', 500), 'webshop_evaluate.episodes.train: 500, more than the 100 goals'),
     'webshop max_new_tokens': (set_('webshop_evaluate.max_new_tokens.react', 0), 'webshop_evaluate.max_new_tokens.react: 0, expected an integer >= 1'),
+    'webshop train_split': (set_('webshop_evaluate.train_split', 'demonstarted'),
+                            "webshop_evaluate.train_split: 'demonstarted', expected demonstrated or first (did you mean demonstrated?)"),
+    'webshop max_episodes policy': (set_('webshop_evaluate.max_episodes', {'zero-shot': 5}),
+                                    'webshop_evaluate.max_episodes.zero-shot: unknown policy (did you mean zero_shot?)'),
+    'webshop sft labels': (set_('webshop_sft.oracle_control.labels', 'true'), "webshop_sft.oracle_control.labels: 'true', expected llm or oracle"),
+    'webshop teduo_oracle without its control': (lambda p: p['webshop_finetune'].pop('oracle_control'),
+                                                 'webshop_finetune.oracle_control: missing: webshop_evaluate.policies lists teduo_oracle'),
     'evaluate max_new_tokens typo': (set_('evaluate.max_new_tokens', 'atuo'), "evaluate.max_new_tokens: 'atuo', expected auto (did you mean auto?)"),
     'evaluate max_new_tokens 0': (set_('evaluate.max_new_tokens', 0), 'evaluate.max_new_tokens: 0, expected an integer >= 1'),
     'evaluate retries': (set_('evaluate.retries', -1), 'evaluate.retries: -1, expected an integer >= 0'),

@@ -115,4 +115,8 @@ def test_teduo_is_reported_even_without_training_data(smoke_run):
     assert fo['trained'] == ('teduo_oracle' in ev['agents']), (fo, ev.get('not_run'))
     if fo['trained']: assert fo['next_action']['n'] == json.loads((work/'metrics/sft_data_oracle.json').read_text())['examples_heldout']
     ws = json.loads((work/'metrics/webshop_evaluate.json').read_text())
-    assert 'teduo' in ws['policies'] or 'teduo' in ws['not_run']
+    for pol, ft in (('teduo', 'webshop_finetune'), ('teduo_oracle', 'webshop_finetune_oracle')):  # WebShop: the same
+        assert (pol in ws['policies']) != (pol in ws['not_run']), (pol, ws['not_run'])
+        assert json.loads((work/f'metrics/{ft}.json').read_text())['trained'] == (pol in ws['policies'])
+    demo = ws['train_split']  # the train split: training goals with a demonstration, counted
+    assert demo['rule'] == 'demonstrated' and demo['goals'] <= demo['demonstrated_goals'], demo

@@ -239,8 +239,8 @@ def test_evaluation_metrics_on_synthetic_logs():
     assert summarize(df) == s and summarize(df, seed=1)['teduo']['train']['success_interval'] == [4.56, 69.94]
     md = results_table(s)
     lo, hi = t['score_interval']
-    assert f'| fine-tuned LLM (TEDUO) | 45.0 [{lo:.1f}, {hi:.1f}] | 25.0 [4.6, 69.9] |' in md
-    assert '| data-collection policy (LLM keywords + random clicks) | 20.0 [20.0, 20.0] | 0.0 [0.0, 79.3] | - | - | 0.0 |' in md
+    assert f'| fine-tuned LLM (TEDUO) | 45.0 [{lo:.1f}, {hi:.1f}] | 25.0 [4.6, 69.9] (n=4) |' in md  # n: the cell's episodes
+    assert '| data-collection policy (LLM keywords + random clicks) | 20.0 [20.0, 20.0] | 0.0 [0.0, 79.3] (n=1) | - | - | 0.0 |' in md
     assert '95% Wilson interval' in md
 
 

@@ -10,21 +10,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core import atomic_path, check_keys, check_positive, resolve, write_json, write_text, StageTimer, wilson_interval, cluster_bootstrap_interval
+from ..core import (atomic_path, check_keys, check_positive, or_list, read_jsonl, resolve, write_json, write_text, StageTimer,
+                        wilson_interval, cluster_bootstrap_interval)
 from ..llm import LLM, LLMConfig
 from .env import Shop
 from .collect import View, goal_split, behaviour_keywords
 from .agent import LLMAgent, BehaviourAgent, RuleAgent, run_episodes
 
 # %% auto #0
-__all__ = ['POLICIES', 'episode_rows', 'summarize', 'results_table', 'tuned_config', 'make_agent', 'episode_plan']
+__all__ = ['POLICIES', 'TUNED', 'TRAIN_SPLITS', 'episode_rows', 'summarize', 'results_table', 'tuned_config', 'make_agent',
+           'demonstrated_goals', 'episode_plan', 'policy_goals']
 
 # %% ../../nbs/29_webshop_evaluate.ipynb #00dea032
 POLICIES = {'behaviour': 'data-collection policy (LLM keywords + random clicks)',
             'rule': 'rule-based reference (search the instruction, top hit, named options, buy)',
             'zero_shot': 'untuned LLM, zero-shot ReAct-style prompt',
             'zero_shot_plain': 'untuned LLM, the fine-tuning prompt',
-            'teduo': 'fine-tuned LLM (TEDUO)'}
+            'teduo': 'fine-tuned LLM (TEDUO)',
+            'teduo_oracle': 'fine-tuned LLM on oracle-label demonstrations (TEDUO, oracle step 1)'}
+TUNED = ('teduo', 'teduo_oracle') # the policies that act with a fine-tuned adapter
 
 def episode_rows(policy:str, split:str, logs:list[dict])->list[dict]:
     "Tidy rows (one per episode) from `run_episodes` logs."
@@ -55,13 +59,13 @@ def results_table(summary:dict, not_run:dict|None=None)->str:
         def cell(split, k):
             if split not in s: return '-'
             iv = s[split].get({'score': 'score_interval', 'success_rate': 'success_interval'}.get(k, ''))
-            return f"{s[split][k]:.1f}" + (f" [{iv[0]:.1f}, {iv[1]:.1f}]" if iv else '')
+            n = f" (n={s[split]['episodes']})" if k == 'success_rate' else ''
+            return f"{s[split][k]:.1f}" + (f" [{iv[0]:.1f}, {iv[1]:.1f}]" if iv else '') + n
         rows.append(f"| {POLICIES.get(pol, pol)} | {cell('train', 'score')} | {cell('train', 'success_rate')} | "
                     f"{cell('test', 'score')} | {cell('test', 'success_rate')} | {cell('all', 'invalid_rate')} |")
     rows += [f"| {POLICIES.get(pol, pol)} | not run: {why} | | | | |" for pol, why in (not_run or {}).items()]
-    n = {sp: max((s[sp]['episodes'] for s in summary.values() if sp in s), default=0) for sp in ('train', 'test')}
     return (head + '\n'.join(rows) + "\n\nScore: mean reward x 100 [95% bootstrap interval over goals]; SR: success rate "
-            f"(reward = 1) in % [95% Wilson interval]; {n['train']} training and {n['test']} test episodes per policy.\n")
+            "(reward = 1) in % [95% Wilson interval] (n: episodes, one per goal).\n")
 
 # %% ../../nbs/29_webshop_evaluate.ipynb #2864f667
 def tuned_config(policy:dict, # params base.llm.policy
@@ -87,17 +91,43 @@ def make_agent(name:str, instructions:dict[int, str], base_llm:LLM|None, tuned_l
     if name == 'rule': return RuleAgent(view)
     if name == 'zero_shot': return LLMAgent(base_llm, 'react', mnt['react'], view, rt, seed)
     if name == 'zero_shot_plain': return LLMAgent(base_llm, 'plain', mnt['plain'], view, rt, seed)
-    return LLMAgent(tuned_llm, 'plain', mnt['plain'], view, rt, seed)
+    return LLMAgent(tuned_llm, 'plain', mnt['plain'], view, rt, seed)  # teduo, teduo_oracle: each with its own adapter
 
 # %% ../../nbs/29_webshop_evaluate.ipynb #7e5ef15d
+TRAIN_SPLITS = ('demonstrated', 'first') # training goals with a demonstration to learn from, or simply the first ones
+
+def demonstrated_goals(*sft_dirs)->set[int]:
+    "The goals of every example (train and validation) in the given `webshop_sft` output folders."
+    goals = set()
+    for d in sft_dirs:
+        for f in ('train.jsonl', 'validation.jsonl'):
+            p = resolve(d)/f
+            if not p.exists(): raise FileNotFoundError(f"{p}: missing (run `dvc repro webshop_sft webshop_sft_oracle`)")
+            goals |= {int(r['meta']['goal']) for r in read_jsonl(p)}
+    return goals
+
 def episode_plan(evaluate:dict, # params webshop_evaluate
                  train_ids:np.ndarray, test_ids:np.ndarray, # the goals of each split (`goal_split`)
-                )->dict[str, list[int]]: # {'train': the first episodes.train training goals, 'test': ...}
-    "The goals each split evaluates; a clear error for a count or `max_steps` below 1, or more episodes than goals."
+                 demonstrated:set|None=None, # goals with a demonstration (`demonstrated_goals`), for train_split demonstrated
+                )->dict[str, list[int]]: # {'train': up to episodes.train training goals, 'test': the first episodes.test test goals}
+    """The goals each split evaluates; a clear error for a count or `max_steps` below 1, or more episodes than goals.
+    With `train_split: demonstrated` the train split holds only training goals that have a demonstration (fewer than
+    `episodes.train` if fewer have one: the table says how many); the test split is the original's first test goals."""
     where = 'params.yaml:webshop_evaluate'
     check_keys(evaluate['episodes'], ['train', 'test'], f'{where}.episodes')
     check_positive(evaluate['max_steps'], f'{where}.max_steps')
     n = {k: check_positive(evaluate['episodes'][k], f'{where}.episodes.{k}') for k in ('train', 'test')}
     if n['train'] > len(train_ids) or n['test'] > len(test_ids):
         raise ValueError(f"{where}.episodes {evaluate['episodes']}: more than the {len(train_ids)} training / {len(test_ids)} test goals")
+    split = evaluate.get('train_split', 'first')
+    if split not in TRAIN_SPLITS: raise ValueError(f"{where}.train_split: {split!r}, expected {or_list(TRAIN_SPLITS)}")
+    if split == 'demonstrated':
+        if demonstrated is None: raise ValueError(f"{where}.train_split demonstrated: no demonstrated goals given")
+        train_ids = np.array([g for g in train_ids if int(g) in demonstrated], int)
     return {'train': train_ids[:n['train']].tolist(), 'test': test_ids[:n['test']].tolist()}
+
+def policy_goals(splits:dict[str, list[int]], policy:str, caps:dict|None)->dict[str, list[int]]:
+    "The first `caps[policy]` goals of each split (every goal without a cap): the costly untuned LLM runs fewer."
+    k = (caps or {}).get(policy)
+    if k is None: return splits
+    return {s: g[:check_positive(k, f'params.yaml:webshop_evaluate.max_episodes.{policy}')] for s, g in splits.items()}

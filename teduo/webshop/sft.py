@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core import atomic_path, resolve, rng, write_json, write_jsonl, read_jsonl, StageTimer
+from ..core import atomic_path, or_list, resolve, rng, write_json, write_jsonl, read_jsonl, StageTimer
 from .collect import load_trajectories
 from .label import load_labels, pick_best
 
 # %% auto #0
-__all__ = ['POLICY_SYSTEM', 'remove_loops', 'filtered_demonstrations', 'policy_chat', 'sft_examples', 'sft_stats']
+__all__ = ['LABELS', 'POLICY_SYSTEM', 'remove_loops', 'filtered_demonstrations', 'step2_labels', 'policy_chat', 'sft_examples',
+           'sft_stats']
 
 # %% ../../nbs/26_webshop_sft.ipynb #9f1d0b07
 def remove_loops(keys:list, # the policy's view of each visited state, in order
@@ -48,6 +49,15 @@ def filtered_demonstrations(data:pd.DataFrame, # from `load_trajectories`
     cols = ['goal', 'traj', 'step', 'instruction', 'state_text', 'action']
     out = pd.concat(keep) if keep else pd.DataFrame(columns=cols)
     return out[cols].merge(best[['traj', 'label_reward', 'true_reward']], on='traj').sort_values(['goal', 'step']).reset_index(drop=True)
+
+# %% ../../nbs/26_webshop_sft.ipynb #f2b3c4d5
+LABELS = ('llm', 'oracle') # what step 2 filters by: the labeler's reward (webshop_label), or the true reward (the control)
+
+def step2_labels(labels:pd.DataFrame, # from `load_labels`
+                 which:str)->pd.DataFrame: # the same rows, `label_reward` the reward step 2 uses
+    "The labels step 2 filters by: as labeled (`llm`), or the true reward in their place (`oracle`)."
+    if which not in LABELS: raise ValueError(f"params.yaml:webshop_sft.labels: {which!r}, expected {or_list(LABELS)}")
+    return labels if which == 'llm' else labels.assign(label_reward=labels.true_reward)
 
 # %% ../../nbs/26_webshop_sft.ipynb #73468f59
 POLICY_SYSTEM = ("You shop on WebShop for the instruction. Reply with the next action only: search[keywords], or "
