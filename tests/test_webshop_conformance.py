@@ -13,7 +13,7 @@ import pytest
 from teduo.core import repo_root
 from teduo.webshop.data import load_catalog, load_products, read_data, parse_price
 from teduo.webshop.search import BM25Index, TooManyClauses, analyze
-from teduo.webshop.reward import get_reward, attribute_reward, option_reward, title_nouns
+from teduo.webshop.reward import get_reward, attribute_reward, goal_option_values, option_reward, title_nouns
 from teduo.webshop.env import WebShopEnv, Shop, ShopState, parse_action, OriginalCrash
 
 FIX = repo_root().parent/'shared'/'data'/'webshop'/'fixtures'
@@ -105,9 +105,8 @@ def test_rewards(shop):
         errs.append(abs(reward - c['reward']))
         info_err = max(abs(info[k] - c['info'][k]) for k in c['info']) if set(info) == set(c['info']) else math.inf
         same_types = all(type(info[k]) is type(c['info'][k]) for k in c['info'] if k in info)
-        gopts = c['goal']['goal_options']
-        dbg = (attribute_reward(p, c['goal'])[1], option_reward(list(c['options'].values()),
-               gopts.items() if isinstance(gopts, dict) else gopts)[1], list(title_nouns(c['goal']['name'])),
+        dbg = (attribute_reward(p, c['goal'])[1], option_reward(list(c['options'].values()), goal_option_values(c['goal']))[1],
+               list(title_nouns(c['goal']['name'])),
                list(title_nouns(p['name'])))
         want_dbg = tuple(c['debug'][k] for k in ('num_attr_matches', 'num_option_matches', 'goal_nouns', 'purchased_nouns'))
         if not (errs[-1] <= 1e-9 and info_err <= 1e-9 and list(info) == list(c['info']) and same_types and dbg == want_dbg):

